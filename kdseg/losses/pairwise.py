@@ -1,0 +1,100 @@
+"""Pair-wise distillation loss (pa): global structure of the encoder output.
+
+Implements METHOD.md, section "Pair-wise loss (pa)": max-pool both feature maps
+into a coarse grid of nodes, L2-normalise each node's channel vector with the
+norm held constant in back-propagation (as the reference does), build the
+N x N cosine-similarity matrix per image and compare teacher and student with
+a squared error summed over node pairs, divided by N^2 and by the batch size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORM_EPS = 1e-8
+
+
+def _check_scale(scale: float) -> None:
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"pair-wise loss: pa_scale must be in (0, 1], got {scale}")
+
+
+def pairwise_kernel(h: int, w: int, scale: float = 0.5) -> tuple[int, int]:
+    """Max-pool kernel (= stride) ``(floor(h * scale), floor(w * scale))`` for an ``h x w`` map.
+
+    Raises a ValueError instead of letting PyTorch fail on a zero-sized kernel.
+    """
+    _check_scale(scale)
+    kh, kw = math.floor(h * scale), math.floor(w * scale)
+    if kh < 1 or kw < 1:
+        raise ValueError(
+            f"pair-wise loss: feature map {h}x{w} is too small to pool with pa_scale={scale} "
+            f"(kernel would be {kh}x{kw}); use a larger crop or a larger scale"
+        )
+    return kh, kw
+
+
+def pairwise_nodes(h: int, w: int, scale: float = 0.5) -> tuple[int, int]:
+    """Grid of nodes ``(h', w')`` that pooling an ``h x w`` map gives, N = h' * w'.
+
+    With kernel = stride = k, no padding and ``ceil_mode=True``, PyTorch's output
+    size is ``ceil(h / k)`` (its rule that the last window must start inside the
+    input never drops a window here): 33x33 -> 3x3, 32x32 and 16x16 -> 2x2.
+    """
+    kh, kw = pairwise_kernel(h, w, scale)
+    return -(-h // kh), -(-w // kw)
+
+
+def _similarity(feat: Tensor) -> Tensor:
+    """Cosine-similarity matrix ``A = F^T F`` (B x N x N) of pooled nodes, norm detached."""
+    norm = torch.linalg.vector_norm(feat, dim=1, keepdim=True).detach() + NORM_EPS
+    nodes = (feat / norm).flatten(2)
+    return nodes.transpose(1, 2) @ nodes
+
+
+def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5) -> Tensor:
+    """Unweighted pair-wise loss between student and teacher maps (B x C x H x W).
+
+    Channel counts may differ (only the N x N matrices are compared); batch and
+    spatial sizes must match. The teacher map is detached. The result is float32
+    (float64 for float64 inputs, so that gradcheck works), also under autocast.
+    """
+    if feat_s.dim() != 4 or feat_t.dim() != 4 or (
+        feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]
+    ):
+        raise ValueError(
+            "pair-wise loss: student and teacher maps must be B x C x H x W with the same "
+            f"B, H and W; got student {tuple(feat_s.shape)} and teacher {tuple(feat_t.shape)}"
+        )
+    b, _, h, w = feat_t.shape
+    kernel = pairwise_kernel(h, w, scale)
+    dtype = torch.promote_types(torch.promote_types(feat_s.dtype, feat_t.dtype), torch.float32)
+    with torch.autocast(device_type=feat_s.device.type, enabled=False):
+        pooled_s = F.max_pool2d(feat_s.to(dtype), kernel, kernel, padding=0, ceil_mode=True)
+        pooled_t = F.max_pool2d(feat_t.detach().to(dtype), kernel, kernel, padding=0, ceil_mode=True)
+        n = pooled_t.shape[2] * pooled_t.shape[3]
+        return (_similarity(pooled_t) - _similarity(pooled_s)).pow(2).sum() / n**2 / b
+
+
+class PairwiseLoss(nn.Module):
+    """``weight * pairwise_loss``; ``tap`` names the module whose output both networks give it."""
+
+    name = "pa"
+
+    def __init__(self, weight: float, tap: str = "decoder.aspp.0.project.1", scale: float = 0.5) -> None:
+        super().__init__()
+        if not weight >= 0:
+            raise ValueError(f"pair-wise loss: weight (pa_lambda) must be >= 0, got {weight}")
+        _check_scale(scale)
+        self.weight = float(weight)
+        self.tap = tap
+        self.scale = float(scale)
+
+    def forward(self, feat_s: Tensor, feat_t: Tensor) -> Tensor:
+        return self.weight * pairwise_loss(feat_s, feat_t, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, tap={self.tap!r}, scale={self.scale}"

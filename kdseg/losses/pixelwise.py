@@ -1,0 +1,79 @@
+"""Pixel-wise distillation loss (pi): detailed spatial information from the decoder.
+
+Implements METHOD.md, section "Pixel-wise loss (pi)": an attention map (channel
+mean of the squared activations), L2-normalised, compared with a mean squared
+error. The default normalisation ``"height"`` reproduces the reference exactly:
+it normalises the B x H x W map along dim 1, i.e. every (b, w) column along the
+height axis. ``"spatial"`` normalises each image's whole H*W map instead (the
+attention-transfer form).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMALIZE_MODES = ("height", "spatial")
+NORM_EPS = 1e-12
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(
+            f"pixel-wise loss: unknown normalize={normalize!r}; valid: {', '.join(NORMALIZE_MODES)}"
+        )
+
+
+def attention_map(feat: Tensor, normalize: str = "height") -> Tensor:
+    """Normalised attention map (B x H x W) of a B x C x H x W feature map."""
+    _check_normalize(normalize)
+    att = feat.pow(2).mean(dim=1)
+    if normalize == "height":
+        return F.normalize(att, p=2, dim=1, eps=NORM_EPS)
+    return F.normalize(att.flatten(1), p=2, dim=1, eps=NORM_EPS).view_as(att)
+
+
+def pixelwise_loss(feat_s: Tensor, feat_t: Tensor, normalize: str = "height") -> Tensor:
+    """Unweighted pixel-wise loss between student and teacher maps (B x C x H x W).
+
+    Channel counts may differ (the attention map averages them); batch sizes must
+    match. If the spatial sizes differ, the student's feature map is resized to
+    the teacher's (bilinear, ``align_corners=False``) before its attention map is
+    taken. The teacher map is detached. The result is float32 (float64 for
+    float64 inputs, so that gradcheck works), also under autocast.
+    """
+    _check_normalize(normalize)
+    if feat_s.dim() != 4 or feat_t.dim() != 4 or feat_s.shape[0] != feat_t.shape[0]:
+        raise ValueError(
+            "pixel-wise loss: student and teacher maps must be B x C x H x W with the same B; "
+            f"got student {tuple(feat_s.shape)} and teacher {tuple(feat_t.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(feat_s.dtype, feat_t.dtype), torch.float32)
+    with torch.autocast(device_type=feat_s.device.type, enabled=False):
+        feat_s = feat_s.to(dtype)
+        if feat_s.shape[2:] != feat_t.shape[2:]:
+            feat_s = F.interpolate(feat_s, size=feat_t.shape[2:], mode="bilinear", align_corners=False)
+        att_s = attention_map(feat_s, normalize)
+        att_t = attention_map(feat_t.detach().to(dtype), normalize)
+        return (att_t - att_s).pow(2).mean()
+
+
+class PixelwiseLoss(nn.Module):
+    """``weight * pixelwise_loss``; ``tap`` names the module whose output both networks give it."""
+
+    name = "pi"
+
+    def __init__(self, weight: float, tap: str = "decoder.block2.1", normalize: str = "height") -> None:
+        super().__init__()
+        if not weight >= 0:
+            raise ValueError(f"pixel-wise loss: weight (pi_lambda) must be >= 0, got {weight}")
+        _check_normalize(normalize)
+        self.weight = float(weight)
+        self.tap = tap
+        self.normalize = normalize
+
+    def forward(self, feat_s: Tensor, feat_t: Tensor) -> Tensor:
+        return self.weight * pixelwise_loss(feat_s, feat_t, self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, tap={self.tap!r}, normalize={self.normalize!r}"

@@ -1,0 +1,130 @@
+"""Model factory (smp DeepLabV3+) and forward-hook feature taps.
+
+The distillation losses read pre-ReLU activations at module paths given in the config
+(METHOD.md "taps"); :class:`FeatureTaps` captures them with forward hooks, so smp's model
+code stays untouched.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+
+def encoder_names() -> list[str]:
+    """Names of every encoder smp can build."""
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def build_model(
+    encoder_name: str,
+    classes: int,
+    encoder_weights: str | None = None,
+    output_stride: int = 16,
+) -> nn.Module:
+    """An smp ``DeepLabV3Plus`` with the given encoder; clear errors for bad names or offline weights."""
+    valid = encoder_names()
+    if encoder_name not in valid:
+        close = difflib.get_close_matches(encoder_name, valid, n=5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown encoder_name '{encoder_name}'.{hint} Valid smp encoders: {', '.join(valid)}"
+        )
+    if classes < 1:
+        raise ValueError(f"classes must be >= 1, got {classes}")
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16 for DeepLabV3+, got {output_stride}")
+    try:
+        return smp.DeepLabV3Plus(
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            classes=classes,
+            encoder_output_stride=output_stride,
+        )
+    except (OSError, ConnectionError, RuntimeError) as err:
+        if encoder_weights is None:
+            raise
+        raise RuntimeError(
+            f"could not load encoder_weights='{encoder_weights}' for '{encoder_name}': {err}. "
+            "The weights are downloaded on first use; without network access set "
+            "encoder_weights=null (random init) or pre-populate the torch/huggingface cache."
+        ) from err
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an error that lists close matches."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"tap module path '{path}' not found in {type(model).__name__}{hint}") from None
+
+
+def _disable_inplace_after(model: nn.Module, path: str) -> None:
+    """Switch off ``inplace`` on activations that follow ``path`` inside its parent container.
+
+    An in-place ReLU right after the tapped BatchNorm would overwrite the captured
+    pre-ReLU tensor.
+    """
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    seen = False
+    for name, module in parent.named_children():
+        if seen and getattr(module, "inplace", False):
+            module.inplace = False
+        seen = seen or name == child
+
+
+class FeatureTaps:
+    """Capture the outputs of named submodules during each forward pass.
+
+    ``taps[path]`` is the tensor the module at ``path`` produced in the latest forward.
+    In-place activations after a tap are switched off, and reading a tensor that was
+    modified in place after capture raises instead of returning post-ReLU values.
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str]) -> None:
+        self.paths = sorted(set(paths))
+        self._features: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int] = {}
+        self._handles = []
+        for path in self.paths:
+            module = resolve_module(model, path)
+            _disable_inplace_after(model, path)
+            self._handles.append(module.register_forward_hook(self._hook(path)))
+
+    def _hook(self, path: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self._features[path] = output
+            self._versions[path] = output._version
+
+        return hook
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        if path not in self._features:
+            raise KeyError(f"no feature captured at '{path}' (taps: {self.paths}); run a forward pass first")
+        feature = self._features[path]
+        if feature._version != self._versions[path]:
+            raise RuntimeError(f"the feature tapped at '{path}' was modified in place after capture")
+        return feature
+
+    def clear(self) -> None:
+        self._features.clear()
+        self._versions.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()

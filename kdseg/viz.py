@@ -1,0 +1,66 @@
+"""Figures: VOC-palette colouring and prediction grids like the paper's qualitative figure."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdseg.data.classes import voc_palette
+from kdseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+_PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def colorize(mask: torch.Tensor | np.ndarray) -> np.ndarray:
+    """H x W class indices (255 = void) -> H x W x 3 uint8 in the VOC palette."""
+    return _PALETTE[np.asarray(mask, dtype=np.int64).clip(0, 255)]
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """A normalised 3 x H x W tensor -> H x W x 3 uint8 for display."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
+    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_prediction_grid(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    rows: Sequence[tuple[str, torch.Tensor]],
+    title: str | None = None,
+) -> Path:
+    """One column per image; first row the inputs, then one labelled row per mask set.
+
+    ``rows`` is e.g. ``[("ground truth", masks), ("teacher", pred_t), ("student", pred_s)]``,
+    each a K x H x W tensor of class indices.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = images.shape[0]
+    n = len(rows) + 1
+    fig, axes = plt.subplots(n, k, figsize=(1.6 * k + 1.2, 1.6 * n), squeeze=False)
+    panels = [("input", [denormalize(img) for img in images])]
+    panels += [(label, [colorize(m.cpu()) for m in masks]) for label, masks in rows]
+    for r, (label, pictures) in enumerate(panels):
+        for c, picture in enumerate(pictures):
+            ax = axes[r][c]
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,43 @@
+"""Shared fixtures: configs composed with Hydra's compose API at smoke size.
+
+The generated dataset, the cached smoke teacher and the MLflow store live in one
+session folder, so tests share them the way repeated runs of a user do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+SMOKE = ["trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64"]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kdseg")
+
+
+@pytest.fixture
+def make_cfg(session_dir: Path, tmp_path: Path):
+    """``make_cfg(*overrides)``: a smoke-size config whose run folder is this test's tmp_path."""
+
+    def make(*overrides: str, smoke: bool = True) -> DictConfig:
+        paths = [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/out",
+            f"paths.data_dir={session_dir}/data",
+            f"paths.cache_dir={session_dir}/cache",
+            f"logger.tracking_uri=sqlite:///{session_dir}/mlflow.db",
+        ]
+        return compose_config(paths + (SMOKE if smoke else []) + list(overrides))
+
+    return make

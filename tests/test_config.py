@@ -1,0 +1,115 @@
+"""Every option of every config group composes and instantiates; validation catches bad values."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from kdseg.config import ConfigError, validate
+from kdseg.main import active_terms
+from kdseg.train import PolyLR
+
+from .conftest import CONF_DIR, ROOT
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_groups_have_the_documented_options():
+    assert {"none", "pi", "pa", "pi_pa"} <= set(options("loss"))
+    assert {"resnet18", "mobilenet_v2"} <= set(options("student"))
+    assert "resnet101" in options("teacher")
+    assert {"synthetic", "voc", "voc_aug"} <= set(options("dataset"))
+    assert {"default", "smoke"} <= set(options("trainer"))
+
+
+@pytest.mark.parametrize("option", options("student"))
+def test_student_options_build(make_cfg, option):
+    cfg = make_cfg(f"student={option}")
+    validate(cfg)
+    model = instantiate(cfg.student)
+    assert model.segmentation_head[0].out_channels == 21
+
+
+@pytest.mark.parametrize("option", options("teacher"))
+def test_teacher_options_build(make_cfg, option):
+    cfg = make_cfg(f"teacher={option}")
+    validate(cfg)
+    assert instantiate(cfg.teacher.model).encoder is not None
+
+
+@pytest.mark.parametrize("option", options("loss"))
+def test_loss_options_instantiate(make_cfg, option):
+    cfg = make_cfg(f"loss={option}")
+    validate(cfg)
+    terms = {name: instantiate(term) for name, term in cfg.loss.terms.items()}
+    assert terms["pi"].weight == cfg.loss.pi_lambda and terms["pa"].weight == cfg.loss.pa_lambda
+    expected = {"none": set(), "pi": {"pi"}, "pa": {"pa"}, "pi_pa": {"pi", "pa"}}[option]
+    assert set(active_terms(cfg)) == expected
+
+
+@pytest.mark.parametrize("option", ["none", "pi", "pa", "pi_pa"])
+def test_pi_lambda_override_works_from_every_loss(make_cfg, option):
+    cfg = make_cfg(f"loss={option}", "loss.pi_lambda=100")
+    assert cfg.loss.terms.pi.weight == 100
+    assert "pi" in active_terms(cfg)
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options_instantiate(make_cfg, option):
+    cfg = make_cfg(f"trainer={option}", smoke=False)
+    validate(cfg)
+    model = torch.nn.Linear(2, 2)
+    optimizer = instantiate(cfg.trainer.optimizer)(model.parameters(), lr=0.1)
+    scheduler = instantiate(cfg.trainer.scheduler)(optimizer, max_iters=10)
+    assert isinstance(scheduler, PolyLR) and optimizer.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("group", ["logger", "paths", "experiment"])
+def test_other_groups_compose(make_cfg, group):
+    for option in options(group):
+        cfg = make_cfg(f"{group}={option}", smoke=group != "experiment")
+        if cfg.dataset.name == "synthetic":
+            validate(cfg)
+
+
+def test_experiment_paper_selects_voc_and_recipe(make_cfg):
+    cfg = make_cfg("experiment=paper", smoke=False)
+    validate(cfg)
+    assert cfg.dataset.name == "voc" and cfg.loss.name == "pi_pa"
+    assert cfg.trainer.batch_size == 6 and cfg.dataset.crop_size == 512
+
+
+def test_cfg_job_prints_resolved_pi_lambda():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "student=resnet18", "loss.pi_lambda=100", "--cfg", "job"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    loss_section = out.split("\nloss:\n", 1)[1].split("\ntrainer:", 1)[0]
+    assert "  pi_lambda: 100\n" in loss_section
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loss.pa_lambda=-1", "loss.pa_lambda"),
+        ("dataset.crop_size=100", "dataset.crop_size"),
+        ("task=trian", "task"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.amp=fp8", "trainer.amp"),
+        ("student.classes=19", "student.classes"),
+        ("dataset.image_size=16", "dataset.image_size"),
+        ("teacher.bn_mode=frozen", "teacher.bn_mode"),
+        ("dataset.eval_mode=tiles", "dataset.eval_mode"),
+        ("trainer.base_lr=abc", "trainer.base_lr"),
+    ],
+)
+def test_validation_names_the_bad_key(make_cfg, override, key):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
