@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 TASKS = ("distill", "teacher", "eval")
 DATASETS = ("synthetic", "voc", "voc_aug")
 REQUIRED = {
-    "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode"),
+    "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode"),
     "student": ("encoder_name", "classes", "output_stride"),
     "teacher": ("model", "checkpoint", "bn_mode", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),

@@ -106,7 +106,8 @@ class FeatureTaps:
     def _hook(self, path: str):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             self._features[path] = output
-            self._versions[path] = output._version
+            # inference-mode tensors have no version counter (and cannot be checked)
+            self._versions[path] = None if output.is_inference() else output._version
 
         return hook
 
@@ -114,7 +115,7 @@ class FeatureTaps:
         if path not in self._features:
             raise KeyError(f"no feature captured at '{path}' (taps: {self.paths}); run a forward pass first")
         feature = self._features[path]
-        if feature._version != self._versions[path]:
+        if self._versions[path] is not None and feature._version != self._versions[path]:
             raise RuntimeError(f"the feature tapped at '{path}' was modified in place after capture")
         return feature
 

@@ -25,15 +25,19 @@ def dataset_root(cfg: DictConfig) -> Path:
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """Train and val datasets of the configured split lists, with the METHOD.md transforms."""
     root = dataset_root(cfg)
-    common = dict(image_dir=cfg.image_dir, mask_dir=cfg.mask_dir)
     train = VOCSegmentation(
         root,
         cfg.train_list,
+        image_dir=cfg.image_dir,
+        mask_dir=cfg.mask_dir,
         transforms=train_transforms(cfg.base_size, cfg.crop_size, tuple(cfg.scale_range), cfg.blur_prob),
-        **common,
     )
     val = VOCSegmentation(
-        root, cfg.val_list, transforms=val_transforms(cfg.eval_mode, cfg.base_size, cfg.crop_size), **common
+        root,
+        cfg.val_list,
+        image_dir=cfg.image_dir,
+        mask_dir=cfg.val_mask_dir,
+        transforms=val_transforms(cfg.eval_mode, cfg.base_size, cfg.crop_size),
     )
     return train, val
 

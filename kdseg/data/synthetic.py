@@ -11,7 +11,7 @@ The 21 labels keep VOC's names and palette, but their content is synthetic: 0 is
 and 1..20 are the 5 x 4 combinations of a SHAPE (disc, square, triangle, ring, cross) and a
 TEXTURE (solid with noise, stripes, checker, dots); see ``CLASS_DESIGN``. Object colours are
 drawn from one distribution for every class, so colour carries no class information and a
-model has to recognise both the outline and the pattern. Each image holds 1-4 objects of
+model has to recognise both the outline and the pattern. Each image holds 2-4 objects of
 random scale, position and rotation that occlude each other (later ones win, in the image
 and the mask), over a background of gradients, low-frequency noise and clutter (elongated
 ellipses and lines, some of them textured) that is labelled background. As in VOC, a thin
@@ -175,10 +175,10 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     grid = tuple(np.mgrid[0:size, 0:size].astype(np.float32) + np.float32(0.5))
     image = _background(rng, grid, size)
     labels = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(2, 5))):
         label = int(rng.integers(1, len(VOC_CLASSES)))
         shape, texture = CLASS_DESIGN[label]
-        radius = size * rng.uniform(0.15, 0.45) / 2.0
+        radius = size * rng.uniform(0.25, 0.6) / 2.0
         cy, cx = rng.uniform(0.1 * size, 0.9 * size, 2)
         local = _rotated(grid, cy, cx, rng.uniform(0.0, 2.0 * np.pi))
         inside = _SHAPE_MASKS[shape](local[0] / radius, local[1] / radius)

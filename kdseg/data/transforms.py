@@ -1,7 +1,7 @@
 """Joint image + mask pipelines on ``torchvision.transforms.v2`` (METHOD.md training recipe).
 
-Masks travel as ``tv_tensors.Mask`` so v2 resizes them with nearest-neighbour, pads them
-with 255 ("void") and leaves them out of photometric transforms.
+Masks travel as ``tv_tensors.Mask`` so they are resized with (centre-aligned) nearest-neighbour,
+padded with 255 ("void") and left out of photometric transforms.
 """
 from __future__ import annotations
 
@@ -14,6 +14,30 @@ from kdseg.data.classes import IGNORE_INDEX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_MODES = ("full", "center_crop")
+
+
+_MASK_RESIZE = v2.InterpolationMode.NEAREST_EXACT
+"""Pixel-centre-aligned nearest (as PIL's NEAREST). v2's default for masks, NEAREST, samples source
+pixel ``floor(i * in / out)``, which shifts the labels by up to one output pixel against the
+(centre-aligned) bilinear image."""
+
+
+class _RandomResize(v2.RandomResize):
+    """``v2.RandomResize`` that resizes masks with ``_MASK_RESIZE``."""
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            return v2.functional.resize(inpt, params["size"], interpolation=_MASK_RESIZE)
+        return super().transform(inpt, params)
+
+
+class _Resize(v2.Resize):
+    """``v2.Resize`` that resizes masks with ``_MASK_RESIZE``."""
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):
+            return v2.functional.resize(inpt, self.size, interpolation=_MASK_RESIZE, max_size=self.max_size)
+        return super().transform(inpt, params)
 
 
 def _normalize() -> list[v2.Transform]:
@@ -43,7 +67,7 @@ def train_transforms(
         [
             v2.ToImage(),
             v2.RandomHorizontalFlip(0.5),
-            v2.RandomResize(int(lo * base_size), int(hi * base_size) + 1),
+            _RandomResize(int(lo * base_size), int(hi * base_size) + 1),
             v2.RandomCrop(
                 crop_size,
                 pad_if_needed=True,
@@ -60,7 +84,13 @@ def val_transforms(eval_mode: str = "full", base_size: int = 513, crop_size: int
     if eval_mode == "full":
         geometric: list[v2.Transform] = []
     elif eval_mode == "center_crop":
-        geometric = [v2.Resize(base_size), v2.CenterCrop(crop_size)]
+        if crop_size > base_size:
+            # CenterCrop would pad the mask with 0 (background), inventing labels that count in mIoU.
+            raise ValueError(
+                f"dataset.eval_mode=center_crop needs crop_size <= base_size (the resized short side), "
+                f"got crop_size={crop_size} > base_size={base_size}"
+            )
+        geometric = [_Resize(base_size), v2.CenterCrop(crop_size)]
     else:
         raise ValueError(f"dataset.eval_mode must be one of {EVAL_MODES}, got '{eval_mode}'")
     return v2.Compose([v2.ToImage(), *geometric, *_normalize()])
