@@ -39,7 +39,7 @@ from PIL import Image
 
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES, voc_palette
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = ".complete"
 MIN_SIZE = 32
 ID_PREFIX = "2026_"
@@ -102,7 +102,7 @@ def _pattern(rng: np.random.Generator, texture: str, pu: np.ndarray, pv: np.ndar
     """Where the second colour goes for `texture` at local pixel coordinates (pu, pv) (None: solid)."""
     if texture == "solid":
         return None
-    period = max(3.5, size * rng.uniform(0.045, 0.085))
+    period = max(4.0, size * rng.uniform(0.07, 0.12))
     a, b = pu / period + rng.uniform(), pv / period + rng.uniform()
     if texture == "stripes":
         angle = rng.uniform(0.0, np.pi)
@@ -143,7 +143,7 @@ def _background(rng: np.random.Generator, grid: Grid, size: int) -> np.ndarray:
     angle = rng.uniform(0.0, 2.0 * np.pi)
     t = ((xx * np.float32(np.cos(angle)) + yy * np.float32(np.sin(angle))) / size + 1.0) / 2.0
     image = start + (end - start) * t[..., None] + _smooth_noise(rng, size, int(rng.integers(3, 7)), 25.0)
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(0, 3))):
         if rng.uniform() < 0.5:
             length = size * rng.uniform(0.08, 0.25)
             u, v = _rotated(grid, *rng.uniform(0.0, size, 2), rng.uniform(0.0, np.pi))
