@@ -22,6 +22,7 @@ from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import VOC_CLASSES
 from kdseg.distill import Distiller
 from kdseg.models import count_params, resolve_module
+from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
 from kdseg.train import Trainer, evaluate, resolve_device, seed_everything
 from kdseg.viz import save_prediction_grid
@@ -46,6 +47,7 @@ def active_terms(cfg: DictConfig) -> dict[str, nn.Module]:
 
 
 def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
+    sweep_id, sweep_dir = current_sweep()
     return {
         "task": task,
         "student": student or "-",
@@ -53,7 +55,8 @@ def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
         "loss": cfg.loss.name if task == "distill" else "ce",
         "dataset": cfg.dataset.name,
         "seed": str(cfg.seed),
-        "sweep_id": str(OmegaConf.select(cfg, "sweep_id", default="") or ""),
+        "sweep_id": sweep_id,
+        "sweep_dir": sweep_dir,
         "git_commit": git_commit(Path(__file__).parent),
     }
 
@@ -122,11 +125,11 @@ def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, out_dir: P
     return result
 
 
-def get_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple) -> tuple[nn.Module, dict]:
+def get_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple) -> tuple[nn.Module, dict, Path]:
     """The configured teacher checkpoint, or the cached one (trained once under a file lock)."""
     expect = {"classes": cfg.dataset.num_classes}
     if cfg.teacher.checkpoint is not None:
-        return load_model(cfg.teacher.checkpoint, expect)
+        return load_model(cfg.teacher.checkpoint, expect) + (Path(cfg.teacher.checkpoint),)
     if cfg.dataset.name != "synthetic":
         raise ValueError(
             f"teacher.checkpoint is null and dataset={cfg.dataset.name}: train a teacher first "
@@ -141,7 +144,7 @@ def get_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple) -> tuple[nn.
             result = train_teacher(cfg, Tracker.from_config(cfg), datasets, path.parent / f"{path.stem}-run")
             result["last_checkpoint"].replace(path)
             print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
-    return load_model(path, expect)
+    return load_model(path, expect) + (path,)
 
 
 def check_taps(model: nn.Module, terms: dict[str, nn.Module], role: str) -> None:
@@ -162,10 +165,13 @@ def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
     if terms:
         check_taps(instantiate(cfg.teacher.model), terms, "teacher")
     datasets = build_datasets(cfg.dataset)
-    teacher, teacher_ckpt = get_teacher(cfg, tracker, datasets) if terms else (None, None)
+    teacher, teacher_ckpt, teacher_path = get_teacher(cfg, tracker, datasets) if terms else (None, None, None)
     model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode)
     name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{cfg.loss.name}-seed{cfg.seed}"
     params = run_params(cfg) | {"params/student_m": count_params(student) / 1e6}
+    if teacher is not None:
+        params["params/teacher_m"] = count_params(teacher) / 1e6
+        params["teacher_checkpoint"] = str(teacher_path)
     run_id = tracker.start(name, params, tags_for(cfg, "distill", cfg.student.encoder_name))
     try:
         result = fit(cfg, tracker, model, datasets, out_dir, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)

@@ -17,7 +17,7 @@ from torch import nn
 
 from kdseg.checkpoint import load_checkpoint, load_model, save_checkpoint
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
-from kdseg.models import FeatureTaps, build_model, count_params, resolve_module
+from kdseg.models import FeatureTaps, build_model, count_params, resolve_module, zero_init_residual_
 from kdseg.train import PolyLR, amp_policy, param_groups
 
 ENCODERS = ("resnet101", "resnet18", "mobilenet_v2")
@@ -333,3 +333,19 @@ def test_checkpoint_does_not_share_memory_with_model(models, tmp_path):
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert not torch.equal(next(model.parameters()), next(loaded.parameters()))
+
+
+def test_zero_init_residual_starts_every_block_as_identity():
+    from torchvision.models.resnet import BasicBlock
+
+    model = build_model("resnet18", classes=21, zero_init_residual=True)
+    blocks = [m for m in model.encoder.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 8
+    assert all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    block = blocks[1]  # no downsample: output = relu(x + 0)
+    block.eval()
+    x = torch.randn(1, 64, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+    plain = build_model("resnet18", classes=21)
+    assert all(torch.all(m.bn2.weight == 1) for m in plain.encoder.modules() if isinstance(m, BasicBlock))
+    assert zero_init_residual_(build_model("resnet101", classes=21).encoder) == 33

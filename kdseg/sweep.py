@@ -1,0 +1,87 @@
+"""Multirun support: a sweep id for every child run, and the seed summary when the sweep ends."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+
+def sweep_id_for(sweep_dir: str | os.PathLike) -> str:
+    """A short, stable id of a multirun: a hash of its (absolute) sweep folder."""
+    return hashlib.sha1(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:10]
+
+
+def current_sweep() -> tuple[str, str]:
+    """(sweep id, sweep folder) of the multirun this job belongs to; empty strings otherwise."""
+    if not HydraConfig.initialized():
+        return "", ""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return "", ""
+    return sweep_id_for(hydra_cfg.sweep.dir), str(Path(hydra_cfg.sweep.dir).resolve())
+
+
+def sweep_figure(out: Path, records: list) -> Path | None:
+    """The qualitative figure from seed-0-first runs: teacher, baseline (loss none) and pi_pa student.
+
+    Made when the sweep holds both a baseline and a distilled run of the same student
+    (``paper_table`` does); None otherwise.
+    """
+    from kdseg.figure import qualitative_figure
+
+    def first(student: str, loss: str):
+        runs = [r for r in records if r.params.get("student.encoder_name") == student and r.params.get("loss.name") == loss]
+        return min(runs, key=lambda r: int(r.params.get("seed", 0)), default=None)
+
+    for student in sorted({r.params.get("student.encoder_name") for r in records}):
+        base, distilled = first(student, "none"), first(student, "pi_pa")
+        if base is None or distilled is None or "teacher_checkpoint" not in distilled.params:
+            continue
+        p = distilled.params
+        return qualitative_figure(
+            out, p["dataset.root"],
+            [(f"teacher {p['teacher.model.encoder_name']}", p["teacher_checkpoint"]),
+             (f"student {student}", Path(base.params["paths.output_dir"]) / "best.pt"),
+             (f"student {student} + pi + pa", Path(p["paths.output_dir"]) / "best.pt")],
+            val_list=p["dataset.val_list"], mask_dir=p["dataset.val_mask_dir"],
+        )
+    return None
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, write summary.md / summary.csv and log one MLflow summary run."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from kdseg.report import load_runs, write_summary
+        from kdseg.tracking import Tracker
+
+        if not config.logger.enabled:
+            print("kdseg: tracking is off (logger=none), so there is no sweep summary")
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_id = sweep_id_for(sweep_dir)
+        tracking_uri = OmegaConf.select(config, "logger.tracking_uri")
+        records, unfinished = load_runs(tracking_uri, config.logger.experiment_name, sweep_id)
+        md, csv_path, rows = write_summary(sweep_dir, records, unfinished)
+        figure = sweep_figure(sweep_dir / "qualitative.png", records)
+        tracker = Tracker(tracking_uri, config.logger.experiment_name)
+        tracker.start(f"summary-{sweep_id}", {"n_runs": len(records), "sweep_dir": str(sweep_dir.resolve())},
+                      {"task": "summary", "sweep_id": sweep_id, "kdseg.summary": "true"})
+        for i, row in enumerate(rows):
+            label = f"{row['student']}-{row['loss']}" + "".join(f"-{v}" for v in row["varying"].values() if v not in (row["student"], row["loss"]))
+            label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+            tracker.log_metrics({f"summary/{label}/miou_mean": row["final_miou_mean"], f"summary/{label}/miou_std": row["final_miou_std"],
+                                 f"summary/{label}/best_miou_mean": row["best_miou_mean"], f"summary/{label}/n_seeds": len(row["seeds"])}, 0)
+        tracker.log_artifact(md)
+        tracker.log_artifact(csv_path)
+        if figure is not None:
+            tracker.log_artifact(figure)
+        tracker.end()
+        print(f"\nsweep {sweep_id}: {len(records)} runs summarised -> {md}\n")
+        print(md.read_text())

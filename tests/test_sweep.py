@@ -1,0 +1,69 @@
+"""Multirun seed sweeps: sweep ids, the summary file and MLflow run, and ``python -m kdseg.report``."""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import ROOT, SMOKE
+
+
+def multirun(tmp_path: Path, session_dir: Path, *args: str) -> tuple[str, Path]:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [
+        sys.executable, str(ROOT / "run.py"), "-m", *args, *SMOKE,
+        f"paths.data_dir={session_dir}/data", f"paths.cache_dir={session_dir}/cache",
+        f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return uri, tmp_path / "multirun"
+
+
+def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
+    uri, sweep_dir = multirun(tmp_path, session_dir, "seed=0,1", "loss=none,pi")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdseg")
+    children = client.search_runs([exp.experiment_id], "tags.task = 'distill'")
+    assert len(children) == 4
+    sweep_ids = {r.data.tags["sweep_id"] for r in children}
+    assert len(sweep_ids) == 1 and sweep_ids != {""}
+    (sweep_id,) = sweep_ids
+
+    csv_rows = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert len(csv_rows) == 3
+    md = (sweep_dir / "summary.md").read_text()
+    for loss in ("none", "pi"):
+        values = [r.data.metrics["val/miou"] for r in children if r.data.params["loss.name"] == loss]
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md
+        assert any(f"{mean!r}" in row or f"{mean}" in row for row in csv_rows)
+
+    summaries = client.search_runs([exp.experiment_id], f"tags.task = 'summary' and tags.sweep_id = '{sweep_id}'")
+    assert len(summaries) == 1
+    artifacts = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
+    assert {"summary.md", "summary.csv"} <= artifacts
+
+    report = subprocess.run(
+        [sys.executable, "-m", "kdseg.report", "--tracking-uri", uri, "--sweep-id", sweep_id, "--per-class"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert report.split("\n\n")[0].strip() == md.strip()
+    assert "| background |" in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
+    overrides = {"paper_table": ["student=resnet18", "loss=none,pi_pa", "seed=0"], "seeds": ["seed=0,1"]}[sweep]
+    uri, sweep_dir = multirun(tmp_path, session_dir, "--config-dir", str(ROOT / "sweeps"), "--config-name", sweep, *overrides)
+    assert (sweep_dir / "summary.md").is_file()
+    if sweep == "paper_table":
+        assert (sweep_dir / "qualitative.png").is_file()
+        summary = (sweep_dir / "summary.md").read_text().splitlines()
+        assert summary[2].startswith("| Teacher resnet101 |")
+        assert "| Student resnet18 | - | - |" in summary[3] and "| Student resnet18 | ✓ | ✓ |" in summary[4]
