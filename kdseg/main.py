@@ -125,7 +125,7 @@ def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, out_dir: P
     return result
 
 
-def get_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple) -> tuple[nn.Module, dict, Path]:
+def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path]:
     """The configured teacher checkpoint, or the cached one (trained once under a file lock)."""
     expect = {"classes": cfg.dataset.num_classes}
     if cfg.teacher.checkpoint is not None:
@@ -165,7 +165,7 @@ def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
     if terms:
         check_taps(instantiate(cfg.teacher.model), terms, "teacher")
     datasets = build_datasets(cfg.dataset)
-    teacher, teacher_ckpt, teacher_path = get_teacher(cfg, tracker, datasets) if terms else (None, None, None)
+    teacher, teacher_ckpt, teacher_path = get_teacher(cfg, datasets) if terms else (None, None, None)
     model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode)
     name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{cfg.loss.name}-seed{cfg.seed}"
     params = run_params(cfg) | {"params/student_m": count_params(student) / 1e6}

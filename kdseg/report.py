@@ -140,13 +140,18 @@ def _shown(key: str, rows: Sequence[dict]) -> bool:
     return True
 
 
+def extra_columns(rows: Sequence[dict]) -> list[str]:
+    """Settings that vary across rows and are not already told by the model name and check marks."""
+    return [k for k in (rows[0]["varying"] if rows else {}) if _shown(k, rows)]
+
+
 def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def to_markdown(rows: Sequence[dict], teacher: dict | None = None, unfinished: Sequence[str] = ()) -> str:
     """The paper-style table: teacher row, then per student the loss rows with check marks."""
-    varying = [k for k in (rows[0]["varying"] if rows else {}) if _shown(k, rows)]
+    varying = extra_columns(rows)
     head = ["model", "pixel-wise", "pair-wise", *varying, "seeds", "mIoU final (%)", "mIoU best (%)", "pixel acc (%)", "params (M)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if teacher:

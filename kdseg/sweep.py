@@ -58,7 +58,7 @@ class SweepSummary(Callback):
     """At the end of a multirun, write summary.md / summary.csv and log one MLflow summary run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from kdseg.report import load_runs, write_summary
+        from kdseg.report import extra_columns, load_runs, write_summary
         from kdseg.tracking import Tracker
 
         if not config.logger.enabled:
@@ -71,13 +71,24 @@ class SweepSummary(Callback):
         md, csv_path, rows = write_summary(sweep_dir, records, unfinished)
         figure = sweep_figure(sweep_dir / "qualitative.png", records)
         tracker = Tracker(tracking_uri, config.logger.experiment_name)
-        tracker.start(f"summary-{sweep_id}", {"n_runs": len(records), "sweep_dir": str(sweep_dir.resolve())},
-                      {"task": "summary", "sweep_id": sweep_id, "kdseg.summary": "true"})
-        for i, row in enumerate(rows):
-            label = f"{row['student']}-{row['loss']}" + "".join(f"-{v}" for v in row["varying"].values() if v not in (row["student"], row["loss"]))
+        tracker.start(
+            f"summary-{sweep_id}",
+            {"n_runs": len(records), "sweep_dir": str(sweep_dir.resolve())},
+            {"task": "summary", "sweep_id": sweep_id, "kdseg.summary": "true"},
+        )
+        extra = extra_columns(rows)
+        for row in rows:
+            label = "-".join([row["student"], row["loss"], *(f"{k}={row['varying'][k]}" for k in extra)])
             label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
-            tracker.log_metrics({f"summary/{label}/miou_mean": row["final_miou_mean"], f"summary/{label}/miou_std": row["final_miou_std"],
-                                 f"summary/{label}/best_miou_mean": row["best_miou_mean"], f"summary/{label}/n_seeds": len(row["seeds"])}, 0)
+            tracker.log_metrics(
+                {
+                    f"summary/{label}/miou_mean": row["final_miou_mean"],
+                    f"summary/{label}/miou_std": row["final_miou_std"],
+                    f"summary/{label}/best_miou_mean": row["best_miou_mean"],
+                    f"summary/{label}/n_seeds": len(row["seeds"]),
+                },
+                0,
+            )
         tracker.log_artifact(md)
         tracker.log_artifact(csv_path)
         if figure is not None:

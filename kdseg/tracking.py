@@ -60,7 +60,7 @@ class Tracker:
         """Create the run, log params and tags; returns the run id."""
         if not self.enabled:
             return None
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         self.run_id = run.info.run_id
