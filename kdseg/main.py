@@ -64,13 +64,14 @@ def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
 def teacher_cache_path(cfg: DictConfig) -> Path:
     """Cache file of the teacher that ``cfg`` would train: keyed by data, model and training settings."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     if dataset["name"] == "synthetic":
         dataset.pop("root")
     key = {
         "dataset": dataset,
         "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
         "seed": cfg.teacher.seed,
-        "trainer": {k: OmegaConf.to_container(cfg.trainer, resolve=True)[k] for k in TEACHER_TRAIN_KEYS},
+        "trainer": {k: trainer[k] for k in TEACHER_TRAIN_KEYS},
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.model.encoder_name}-{cfg.dataset.name}-{digest}.pt"
@@ -111,16 +112,11 @@ def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, out_dir: P
     seed_everything(cfg.teacher.seed)
     teacher = instantiate(cfg.teacher.model)
     params = run_params(cfg) | {"params/teacher_m": count_params(teacher) / 1e6}
-    tracker.start(f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}", params, tags_for(cfg, "teacher", None))
-    try:
+    with tracker.run(f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}", params, tags_for(cfg, "teacher", None)):
         result = fit(
             cfg, tracker, Distiller(teacher), datasets, out_dir, cfg.trainer.teacher_epochs,
             model_config(cfg.teacher.model), cfg.teacher.seed,
         )
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
     print(f"teacher val mIoU {100 * result['final_miou']:.2f} -> {result['last_checkpoint']}")
     return result
 
@@ -172,17 +168,12 @@ def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
     if teacher is not None:
         params["params/teacher_m"] = count_params(teacher) / 1e6
         params["teacher_checkpoint"] = str(teacher_path)
-    run_id = tracker.start(name, params, tags_for(cfg, "distill", cfg.student.encoder_name))
-    try:
+    with tracker.run(name, params, tags_for(cfg, "distill", cfg.student.encoder_name)) as run_id:
         result = fit(cfg, tracker, model, datasets, out_dir, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)
         teacher_miou = teacher_ckpt["metrics"]["miou"] if teacher_ckpt else None
         if teacher_miou is not None:
             tracker.log_metrics({"teacher/val_miou": teacher_miou}, 0)
         finish(cfg, tracker, out_dir, result, student, teacher)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
     print(f"\nstudent {cfg.student.encoder_name} ({cfg.loss.name}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
     if teacher_miou is not None:
         print(f"teacher {cfg.teacher.model.encoder_name} val mIoU: {100 * teacher_miou:.2f}")
@@ -227,9 +218,8 @@ def eval_task(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
     _, val_set = build_datasets(cfg.dataset)
     device = resolve_device(cfg.trainer.device)
     _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed)
-    tracker.start(f"eval-{path.stem}", run_params(cfg) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None))
-    result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress)
-    tracker.log_metrics({"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}, 0)
-    tracker.end()
+    with tracker.run(f"eval-{path.stem}", run_params(cfg) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None)):
+        result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress)
+        tracker.log_metrics({"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}, 0)
     print(f"{path}: val mIoU {100 * result['miou']:.2f}, pixel acc {100 * result['pixel_acc']:.2f}")
     return result["miou"]

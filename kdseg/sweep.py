@@ -71,28 +71,23 @@ class SweepSummary(Callback):
         md, csv_path, rows = write_summary(sweep_dir, records, unfinished)
         figure = sweep_figure(sweep_dir / "qualitative.png", records)
         tracker = Tracker(tracking_uri, config.logger.experiment_name)
-        tracker.start(
-            f"summary-{sweep_id}",
-            {"n_runs": len(records), "sweep_dir": str(sweep_dir.resolve())},
-            {"task": "summary", "sweep_id": sweep_id, "kdseg.summary": "true"},
-        )
-        extra = extra_columns(rows)
-        for row in rows:
-            label = "-".join([row["student"], row["loss"], *(f"{k}={row['varying'][k]}" for k in extra)])
-            label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
-            tracker.log_metrics(
-                {
-                    f"summary/{label}/miou_mean": row["final_miou_mean"],
-                    f"summary/{label}/miou_std": row["final_miou_std"],
-                    f"summary/{label}/best_miou_mean": row["best_miou_mean"],
-                    f"summary/{label}/n_seeds": len(row["seeds"]),
-                },
-                0,
-            )
-        tracker.log_artifact(md)
-        tracker.log_artifact(csv_path)
-        if figure is not None:
-            tracker.log_artifact(figure)
-        tracker.end()
+        params = {"n_runs": len(records), "sweep_dir": str(sweep_dir.resolve())}
+        with tracker.run(f"summary-{sweep_id}", params, {"task": "summary", "sweep_id": sweep_id, "kdseg.summary": "true"}):
+            extra = extra_columns(rows)
+            for row in rows:
+                label = "-".join([row["student"], row["loss"], *(f"{k}={row['varying'][k]}" for k in extra)])
+                label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+                tracker.log_metrics(
+                    {
+                        f"summary/{label}/miou_mean": row["final_miou_mean"],
+                        f"summary/{label}/miou_std": row["final_miou_std"],
+                        f"summary/{label}/best_miou_mean": row["best_miou_mean"],
+                        f"summary/{label}/n_seeds": len(row["seeds"]),
+                    },
+                    0,
+                )
+            for artifact in (md, csv_path, figure):
+                if artifact is not None:
+                    tracker.log_artifact(artifact)
         print(f"\nsweep {sweep_id}: {len(records)} runs summarised -> {md}\n")
         print(md.read_text())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,17 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
+
+    @contextmanager
+    def run(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str | None]:
+        """``start`` ... ``end``: the run ends FINISHED, or FAILED if the body raises."""
+        run_id = self.start(run_name, params, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end("FAILED")
+            raise
+        self.end()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self.run_id is None:
