@@ -43,6 +43,15 @@ def test_teacher_options_build(make_cfg, option):
     assert instantiate(cfg.teacher.model).encoder is not None
 
 
+def test_default_teacher_starts_residual_blocks_as_identity(make_cfg):
+    """The from-scratch ResNet-101 teacher zero-inits the last BN of each of its 33 blocks."""
+    from torchvision.models.resnet import Bottleneck
+
+    teacher = instantiate(make_cfg().teacher.model)
+    blocks = [m for m in teacher.encoder.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 33 and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+
+
 @pytest.mark.parametrize("option", options("loss"))
 def test_loss_options_instantiate(make_cfg, option):
     cfg = make_cfg(f"loss={option}")
