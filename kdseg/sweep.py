@@ -61,6 +61,11 @@ class SweepSummary(Callback):
         from kdseg.report import extra_columns, load_runs, write_summary
         from kdseg.tracking import Tracker
 
+        from hydra.core.hydra_config import HydraConfig
+
+        # Hydra unsets its config between jobs; the default tracking URI interpolates
+        # ${hydra:runtime.cwd}, so make it resolvable again for the summary.
+        HydraConfig.instance().set_config(config)
         if not config.logger.enabled:
             print("kdseg: tracking is off (logger=none), so there is no sweep summary")
             return

@@ -1,6 +1,7 @@
 """Multirun seed sweeps: sweep ids, the summary file and MLflow run, and ``python -m kdseg.report``."""
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -12,14 +13,17 @@ from mlflow.tracking import MlflowClient
 from .conftest import ROOT, SMOKE
 
 
-def multirun(tmp_path: Path, session_dir: Path, *args: str) -> tuple[str, Path]:
+def multirun(tmp_path: Path, session_dir: Path, *args: str, default_uri: bool = False) -> tuple[str, Path]:
+    """Run a smoke multirun in tmp_path; ``default_uri`` keeps the config's own tracking URI
+    (``mlflow.db`` in the directory the user runs from) instead of passing one."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [
         sys.executable, str(ROOT / "run.py"), "-m", *args, *SMOKE,
         f"paths.data_dir={session_dir}/data", f"paths.cache_dir={session_dir}/cache",
-        f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/multirun",
+        f"hydra.sweep.dir={tmp_path}/multirun", *([] if default_uri else [f"logger.tracking_uri={uri}"]),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return uri, tmp_path / "multirun"
 
@@ -60,8 +64,13 @@ def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
 def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
     overrides = {"paper_table": ["student=resnet18", "loss=none,pi_pa", "seed=0"], "seeds": ["seed=0,1"]}[sweep]
-    uri, sweep_dir = multirun(tmp_path, session_dir, "--config-dir", str(ROOT / "sweeps"), "--config-name", sweep, *overrides)
+    # the seeds sweep keeps the default tracking URI, which interpolates ${hydra:runtime.cwd}
+    # (the summary callback runs after Hydra has unset its config)
+    uri, sweep_dir = multirun(tmp_path, session_dir, "--config-dir", str(ROOT / "sweeps"), "--config-name", sweep,
+                              *overrides, default_uri=sweep == "seeds")
     assert (sweep_dir / "summary.md").is_file()
+    assert len(MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("kdseg").experiment_id], "tags.task = 'summary'")) == 1
     if sweep == "paper_table":
         assert (sweep_dir / "qualitative.png").is_file()
         summary = (sweep_dir / "summary.md").read_text().splitlines()
