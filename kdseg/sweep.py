@@ -58,10 +58,10 @@ class SweepSummary(Callback):
     """At the end of a multirun, write summary.md / summary.csv and log one MLflow summary run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         from kdseg.report import extra_columns, load_runs, write_summary
         from kdseg.tracking import Tracker
-
-        from hydra.core.hydra_config import HydraConfig
 
         # Hydra unsets its config between jobs; the default tracking URI interpolates
         # ${hydra:runtime.cwd}, so make it resolvable again for the summary.
