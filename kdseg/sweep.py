@@ -58,8 +58,6 @@ class SweepSummary(Callback):
     """At the end of a multirun, write summary.md / summary.csv and log one MLflow summary run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
         from kdseg.report import extra_columns, load_runs, write_summary
         from kdseg.tracking import Tracker
 
