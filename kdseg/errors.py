@@ -9,6 +9,7 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -62,8 +63,7 @@ def one_line(err: BaseException) -> str:
     """
     text = str(err).strip()
     if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if f"{type(err).__name__}: " in last else last
+        text = re.sub(r"^(?:\w+\.)*\w*(?:Error|Exception)\w*: ", "", text.splitlines()[-1])
     return " ".join(text.split()) or type(err).__name__
 
 

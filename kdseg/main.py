@@ -87,6 +87,7 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     if dataset["name"] == "synthetic":
         dataset.pop("root")
+    dataset.pop("on_bad_sample")  # how bad files are handled, not which data: keeps cached teachers valid
     key = {
         "dataset": dataset,
         "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
