@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from kdseg.checkpoint import load_checkpoint, previous_path
@@ -37,6 +38,7 @@ from kdseg.errors import CheckpointError, ResumeError
 from kdseg.tracking import flatten
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 LAST = "last.pt"
 NOT_FINGERPRINTED = ("paths.output_dir", "trainer.resume", "trainer.progress")
 """Keys that do not change what a run computes, so they may differ when it is resumed."""
@@ -74,6 +76,19 @@ def read_run(out_dir: Path) -> dict | None:
 def update_run(out_dir: Path, **fields: Any) -> None:
     """Merge ``fields`` into the folder's ``run.json`` (written atomically)."""
     _write_json(out_dir / RUN_FILE, (read_run(out_dir) or {}) | fields)
+
+
+def in_use(out_dir: Path) -> bool:
+    """Whether a live process holds the folder's run lock (a killed one releases it)."""
+    if not (out_dir / LOCK_FILE).exists():
+        return False
+    lock = FileLock(out_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def index_file(cache_dir: str | os.PathLike, fp: str) -> Path:
@@ -116,14 +131,23 @@ class Plan:
 
     @contextmanager
     def active(self, task: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
-        """``start`` ... ``finish``: the folder's status ends ``finished``, or ``failed`` if the body raises."""
-        self.start(task, cache_dir)
+        """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, or ``failed`` if the body raises."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.out_dir / LOCK_FILE)
         try:
-            yield
-        except BaseException:
-            self.finish("failed")
-            raise
-        self.finish()
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ResumeError(f"'{self.out_dir}' is in use by another running kdseg process") from None
+        try:
+            self.start(task, cache_dir)
+            try:
+                yield
+            except BaseException:
+                self.finish("failed")
+                raise
+            self.finish()
+        finally:
+            lock.release()
 
 
 def _candidates(path: Path) -> list[Path]:
@@ -203,6 +227,11 @@ def plan_run(
     for folder in folders:
         info = read_run(folder)
         if not info or info.get("status") == "finished":
+            continue
+        if in_use(folder):
+            if folder == out_dir:
+                raise ResumeError(f"'{folder}' is in use by another running kdseg process")
+            say(f"note: the run of this config in '{folder}' is still running; starting a new run")
             continue
         if info.get("fingerprint") != fp:
             if folder == out_dir and any(p.exists() for p in _candidates(folder)):

@@ -141,6 +141,20 @@ def test_finished_run_is_not_resumed_and_other_config_is_refused(session_dir, tm
     assert not plan_run("off", out, {"a": 2}).resuming
 
 
+def test_a_run_still_running_is_not_resumed(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    config = {"a": 1}
+    plan = plan_run("auto", first, config, cache_dir=tmp_path / "cache")
+    with plan.active("distill", tmp_path / "cache"):
+        save_checkpoint(first / "last.pt", state_dict={}, model={}, epoch=1, rng={}, run_uid=plan.run_uid)
+        again = plan_run("auto", second, config, cache_dir=tmp_path / "cache")  # the same command, launched twice
+        assert not again.resuming and again.out_dir == second
+        assert f"the run of this config in '{first}' is still running" in capsys.readouterr().out
+        with pytest.raises(ResumeError, match="in use by another running kdseg process"):
+            plan_run("auto", first, config)
+    assert plan_run("auto", second, config, cache_dir=tmp_path / "cache").out_dir == second  # finished now
+
+
 def test_stale_checkpoint_of_an_earlier_run_is_not_resumed(tmp_path):
     out = tmp_path / "out"
     save_checkpoint(out / "last.pt", state_dict={}, model={}, epoch=5, rng={}, run_uid="earlier")
