@@ -208,14 +208,20 @@ class Tracker:
                 tags["resumed_from"] = run_id
             else:
                 self.run_id = run_id
-                self._call("update_run", self.client.update_run, run_id, status="RUNNING")
+                try:
+                    self._call("update_run", self.client.update_run, run_id, status="RUNNING")
+                except Exception as err:
+                    print(f"warning: MLflow run {run_id} not marked RUNNING again ({one_line(err)[:200]})", flush=True)
                 self.set_tags(tags)
                 return run_id
-        run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+        try:
+            run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+        except Exception as err:
+            raise TrackingError(f"MLflow tracking store '{self.tracking_uri}' failed to create the run ({one_line(err)[:300]})") from err
         return self.run_id
 
     @contextmanager

@@ -203,3 +203,10 @@ def test_first_touch_error_in_a_worker_is_one_line(tmp_path, session_dir, root):
     assert line.startswith(f"error: image '{bad}' is truncated or corrupt")
     debug = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "KDSEG_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_check_with_a_bad_override_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        check_main(["dataset=vocc"])
+    assert str(exit_info.value.code).startswith("error: ") and "vocc" in str(exit_info.value.code)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kdseg.data.classes import IGNORE_INDEX
-from kdseg.errors import DataError, MissingDataError, reported
+from kdseg.errors import ConfigError, DataError, MissingDataError, one_line, reported
 
 MASK_MODES = ("P", "L")
 
@@ -157,6 +157,7 @@ def summarize(problems: Sequence[Problem], source: str, shown: int = 3) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Decode every sample of the configured train and val splits and report all problems."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from kdseg.data import dataset_root
     from kdseg.data.voc import read_split
@@ -168,8 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
     cwd = os.getcwd()
     with reported():
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            cfg = compose("config", overrides=[f"paths.root_dir={cwd}", f"paths.output_dir={cwd}", *argv])
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                cfg = compose("config", overrides=[f"paths.root_dir={cwd}", f"paths.output_dir={cwd}", *argv])
+        except HydraException as err:
+            raise ConfigError(one_line(err)) from err
         ds = cfg.dataset
         root = dataset_root(ds)
         if not root.is_dir():
