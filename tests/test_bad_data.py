@@ -197,11 +197,11 @@ def test_first_touch_error_in_a_worker_is_one_line(tmp_path, session_dir, root):
     cmd = [sys.executable, str(ROOT / "run.py"), *VOC64, f"dataset.root={root}", "trainer.num_workers=1",
            f"paths.cache_dir={session_dir}/cache", f"logger.tracking_uri=sqlite:///{session_dir}/mlflow.db",
            f"hydra.run.dir={tmp_path}/run"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 1
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert line.startswith(f"error: image '{bad}' is truncated or corrupt")
-    debug = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "KDSEG_DEBUG": "1"})
+    debug = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800, env={**os.environ, "KDSEG_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 

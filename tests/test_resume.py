@@ -191,7 +191,7 @@ def test_killed_run_resumes_from_a_new_launch(reference, session_dir, tmp_path):
     first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
     proc = subprocess.Popen(run_py(tmp_path, session_dir, first, "resume-killed"), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800
     while not (first / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -202,7 +202,7 @@ def test_killed_run_resumes_from_a_new_launch(reference, session_dir, tmp_path):
     assert read_run(first)["status"] == "running"
 
     done = subprocess.run(run_py(tmp_path, session_dir, second, "resume-killed"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming {first} after epoch {killed_at}" in done.stdout
     assert not (second / "last.pt").exists()

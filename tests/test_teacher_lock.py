@@ -48,7 +48,7 @@ def test_two_forked_jobs_train_the_teacher_once(tmp_path):
     for job in jobs:
         job.start()
     for job in jobs:
-        job.join(600)
+        job.join(1800)
     assert [job.exitcode for job in jobs] == [0, 0], [log.read_text()[-2000:] for log in logs]
     assert sum(log.read_text().count(TRAINING) for log in logs) == 1
     assert teacher_cache_path(compose_config([*overrides(tmp_path), "paths.output_dir=unused"])).is_file()
@@ -65,7 +65,7 @@ def test_two_main_jobs_started_at_once_train_the_teacher_once(tmp_path):
         )
         for seed in (0, 1)
     ]
-    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    outputs = [proc.communicate(timeout=1800)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [out[-3000:] for out in outputs]
     assert sum(out.count(TRAINING) for out in outputs) == 1
     assert len(teacher_runs(tmp_path)) == 1
