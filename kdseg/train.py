@@ -254,20 +254,21 @@ class Trainer:
             }
             if self.scaler.is_enabled():
                 metrics["train/amp_skipped_steps"] = skipped
+            improved = False
             if epoch % cfg.eval_every == 0 or epoch == self.epochs:
                 result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress)
                 metrics |= epoch_metrics(result)
                 self.last_result = result
                 improved = result["miou"] > self.best_miou
                 self.best_miou = max(self.best_miou, result["miou"])
-                if improved:
-                    self.save("best.pt", epoch)
                 print(
                     f"epoch {epoch}/{self.epochs}  loss {metrics['train/loss']:.4f}  "
                     f"val mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}  ({elapsed:.0f}s)",
                     flush=True,
                 )
             self.history.append(metrics)
+            if improved:
+                self.save("best.pt", epoch)
             self.save("last.pt", epoch, keep_previous=True)
             self.log(metrics, epoch)
         final = self.history[-1]
