@@ -1,21 +1,28 @@
 """Checkpoints: the state dict, the model config that rebuilds it, and the metrics it reached.
 
-Written atomically (temporary file + rename) and read with ``torch.load(weights_only=True)``,
-so a checkpoint never runs code when loaded.
+Written atomically (temporary file, fsync, rename), optionally keeping the replaced file as
+``<name>.prev.pt`` so a damaged latest checkpoint still leaves a good one. Read with
+``torch.load(weights_only=True)``, so a checkpoint never runs code when loaded; a file that
+is missing, truncated, not a checkpoint or full of pickled objects is a one-line
+:class:`~kdseg.errors.CheckpointError` that says which.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdseg.errors import CheckpointError, MissingCheckpointError
 from kdseg.models import build_model
 
 MODEL_KEYS = ("encoder_name", "classes", "encoder_weights", "output_stride")
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def model_config(cfg: Any) -> dict:
@@ -23,32 +30,74 @@ def model_config(cfg: Any) -> dict:
     return {key: cfg[key] for key in MODEL_KEYS}
 
 
-def save_checkpoint(path: str | os.PathLike, **content: Any) -> Path:
-    """``torch.save`` to a temporary sibling, then rename over ``path``."""
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the file it replaced: ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **content: Any) -> Path:
+    """``torch.save`` to a temporary sibling, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old or the new file, never a partial one. With
+    ``keep_previous`` the replaced file becomes :func:`previous_path` first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(content, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(content, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _diagnose(path: Path, err: Exception) -> str:
+    """What is wrong with a file that ``torch.load(weights_only=True)`` could not read."""
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds Python objects or code{what} that safe loading (weights_only=True) refuses; "
+                "kdseg never runs code from a checkpoint")
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        if not zipfile.is_zipfile(path):
+            return f"the file is truncated ({size} bytes, the end of its zip archive is missing)"
+        return f"the file is corrupt ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+    return "it is not a PyTorch checkpoint file"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a kdseg checkpoint safely; a clear error for missing, truncated or foreign files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+        raise MissingCheckpointError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"'{path}' is not a readable kdseg checkpoint (truncated, corrupt, or it holds code/objects "
-            f"that weights_only loading refuses): {first}"
-        ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, OSError, KeyError, UnpicklingError ...
+        raise CheckpointError(f"'{path}' is not a readable kdseg checkpoint: {_diagnose(path, err)}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"'{path}' is not a kdseg checkpoint (expected a dict with 'state_dict' and 'model')")
+        raise CheckpointError(f"'{path}' is not a kdseg checkpoint (expected a dict with 'state_dict' and 'model')")
     return ckpt
+
+
+def check_model(path: str | os.PathLike, ckpt: dict, expect: dict) -> None:
+    """Raise a one-line CheckpointError if the checkpoint's model config differs from ``expect``."""
+    bad = {key: value for key, value in expect.items() if ckpt["model"].get(key) != value}
+    if bad:
+        have = ", ".join(f"{key}={ckpt['model'].get(key)!r}" for key in bad)
+        need = ", ".join(f"{key}={value!r}" for key, value in bad.items())
+        raise CheckpointError(f"checkpoint '{path}' has {have}, but this run needs {need}")
 
 
 def load_model(path: str | os.PathLike, expect: dict | None = None) -> tuple[nn.Module, dict]:
@@ -58,12 +107,17 @@ def load_model(path: str | os.PathLike, expect: dict | None = None) -> tuple[nn.
     first, so a mismatch is one line instead of a state-dict size error.
     """
     ckpt = load_checkpoint(path)
-    for key, value in (expect or {}).items():
-        if ckpt["model"].get(key) != value:
-            raise ValueError(f"checkpoint '{path}' has {key}={ckpt['model'].get(key)!r}, but this run needs {key}={value!r}")
+    check_model(path, ckpt, expect or {})
     model = build_model(**{k: v for k, v in ckpt["model"].items() if k in MODEL_KEYS} | {"encoder_weights": None})
+    load_weights(path, model, ckpt)
+    return model, ckpt
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module, ckpt: dict) -> None:
+    """``model.load_state_dict`` with a one-line error when the weights belong to another model."""
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"checkpoint '{path}' does not match its model config {ckpt['model']}: {str(err).splitlines()[0]}") from err
-    return model, ckpt
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match its model config {ckpt['model']}: {str(err).splitlines()[0]}"
+        ) from err

@@ -1,21 +1,24 @@
 """Explicit validation of a composed config: every check runs before any data or model work."""
 from __future__ import annotations
 
+import difflib
+
 from omegaconf import DictConfig, OmegaConf
+
+from kdseg.data.voc import BAD_SAMPLE_POLICIES
+from kdseg.errors import ConfigError
+
+__all__ = ["ConfigError", "validate"]
 
 TASKS = ("distill", "teacher", "eval")
 DATASETS = ("synthetic", "voc", "voc_aug")
 REQUIRED = {
-    "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode"),
+    "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
     "student": ("encoder_name", "classes", "output_stride"),
     "teacher": ("model", "checkpoint", "bn_mode", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),
-    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp"),
+    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp", "resume"),
 }
-
-
-class ConfigError(ValueError):
-    """A config value is missing, mistyped or out of range."""
 
 
 def _require(cond: bool, key: str, value: object, expected: str) -> None:
@@ -26,6 +29,17 @@ def _require(cond: bool, key: str, value: object, expected: str) -> None:
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
     value = OmegaConf.select(cfg, key)
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key, value, f"an integer >= {minimum}")
+
+
+def _check_encoder(cfg: DictConfig, key: str) -> None:
+    """An encoder smp can build; the error lists close matches and every valid name."""
+    from kdseg.models import encoder_names
+
+    name, valid = OmegaConf.select(cfg, key), encoder_names()
+    if name not in valid:
+        close = difflib.get_close_matches(str(name), valid, n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"config {key}={name!r}: unknown encoder{hint} Valid smp encoders: {', '.join(valid)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -46,15 +60,18 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(cfg, "dataset.image_size", minimum=32)
     for key in ("base_size", "crop_size"):
         _positive_int(cfg, f"dataset.{key}", minimum=16)
+    _require(ds.on_bad_sample in BAD_SAMPLE_POLICIES, "dataset.on_bad_sample", ds.on_bad_sample,
+             " or ".join(BAD_SAMPLE_POLICIES))
     for model_key in ("student", "teacher.model"):
+        _check_encoder(cfg, f"{model_key}.encoder_name")
         stride = OmegaConf.select(cfg, f"{model_key}.output_stride")
         _require(stride in (8, 16), f"{model_key}.output_stride", stride, "8 or 16")
-        _require(
-            ds.crop_size % 16 == 0, "dataset.crop_size", ds.crop_size,
-            "a multiple of 16 (DeepLabV3+ needs input sizes divisible by the encoder's total stride)",
-        )
         classes = OmegaConf.select(cfg, f"{model_key}.classes")
         _require(classes == ds.num_classes, f"{model_key}.classes", classes, f"dataset.num_classes={ds.num_classes}")
+    _require(
+        ds.crop_size % 16 == 0, "dataset.crop_size", ds.crop_size,
+        "a multiple of 16 (DeepLabV3+ needs input sizes divisible by 16: the output stride and the decoder's x4 upsampling)",
+    )
     lo_hi = list(ds.scale_range)
     _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], "dataset.scale_range", lo_hi, "[min, max] with 0 < min <= max")
     _require(0 <= ds.blur_prob <= 1, "dataset.blur_prob", ds.blur_prob, "a probability in [0, 1]")
@@ -65,6 +82,12 @@ def validate(cfg: DictConfig) -> None:
     for name, term in cfg.loss.terms.items():
         _require(isinstance(term.weight, (int, float)) and term.weight >= 0, f"loss.terms.{name}.weight", term.weight, "a number >= 0")
         _require(isinstance(term.get("tap"), str) and term.tap, f"loss.terms.{name}.tap", term.get("tap"), "a module path")
+    pa = cfg.loss.terms.get("pa")
+    if pa is not None and pa.weight > 0:
+        nodes = ds.crop_size // cfg.student.output_stride * pa.get("scale", 0.5)
+        _require(nodes >= 1, "dataset.crop_size", ds.crop_size,
+                 f"a crop whose encoder map ({ds.crop_size // cfg.student.output_stride} px) is large enough to pool "
+                 f"with loss.terms.pa.scale={pa.get('scale', 0.5)}")
     _require(cfg.teacher.bn_mode in ("eval", "train"), "teacher.bn_mode", cfg.teacher.bn_mode, "eval or train")
     tr = cfg.trainer
     for key in ("epochs", "teacher_epochs", "batch_size", "eval_every", "base_batch"):
@@ -76,5 +99,6 @@ def validate(cfg: DictConfig) -> None:
         _require(isinstance(tr[key], (int, float)) and tr[key] > 0, f"trainer.{key}", tr[key], "a number > 0")
     _require(tr.amp in ("auto", "bf16", "fp16", "off"), "trainer.amp", tr.amp, "auto, bf16, fp16 or off")
     _require(tr.channels_last in ("auto", True, False), "trainer.channels_last", tr.channels_last, "auto, true or false")
+    _require(isinstance(tr.resume, str) and tr.resume != "", "trainer.resume", tr.resume, "auto, off, or a checkpoint (or run folder) path")
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.name == "synthetic", "checkpoint", cfg.checkpoint, "a checkpoint path for task=eval on real data")

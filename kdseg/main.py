@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -21,7 +22,9 @@ from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import VOC_CLASSES
 from kdseg.distill import Distiller
+from kdseg.errors import ConfigError, KdsegError
 from kdseg.models import count_params, resolve_module
+from kdseg.resume import Plan, plan_run, run_config
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
 from kdseg.train import Trainer, evaluate, resolve_device, seed_everything
@@ -31,19 +34,36 @@ TEACHER_TRAIN_KEYS = ("teacher_epochs", "max_iters", "batch_size", "base_lr", "b
 
 
 def run(cfg: DictConfig) -> float:
-    """Validate, then run ``cfg.task``; returns the final val mIoU."""
+    """Validate, reach the tracking store, then run ``cfg.task``; returns the final val mIoU."""
     validate(cfg)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = Tracker.from_config(cfg)
     task = {"distill": distill, "teacher": train_teacher_task, "eval": eval_task}[cfg.task]
-    return task(cfg, tracker, out_dir)
+    return task(cfg, tracker)
+
+
+def build(node: DictConfig) -> Any:
+    """``instantiate`` that lets a kdseg error through as itself (Hydra wraps it otherwise)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, KdsegError):
+            raise err.__cause__ from None
+        raise
 
 
 def active_terms(cfg: DictConfig) -> dict[str, nn.Module]:
     """The loss terms with a weight > 0, instantiated."""
-    return {name: instantiate(term) for name, term in cfg.loss.terms.items() if term.weight > 0}
+    return {name: build(term) for name, term in cfg.loss.terms.items() if term.weight > 0}
+
+
+def plan_for(cfg: DictConfig) -> Plan:
+    """Where this training run writes, and the checkpoint it resumes from (``trainer.resume``)."""
+    plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg), cfg.paths.cache_dir)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    (plan.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if plan.resuming:
+        print(f"resuming {plan.out_dir} after epoch {plan.checkpoint['epoch']} ({plan.checkpoint_path.name})", flush=True)
+    return plan
 
 
 def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
@@ -67,6 +87,7 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     if dataset["name"] == "synthetic":
         dataset.pop("root")
+    dataset.pop("on_bad_sample")  # how bad files are handled, not which data: keeps cached teachers valid
     key = {
         "dataset": dataset,
         "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
@@ -82,22 +103,29 @@ def fit(
     tracker: Tracker,
     model: Distiller,
     datasets: tuple,
-    out_dir: Path,
+    plan: Plan,
     epochs: int,
     model_cfg: dict,
     seed: int,
 ) -> dict[str, Any]:
-    """Build seeded loaders and a Trainer, train, and log the run's checkpoints."""
+    """Build seeded loaders and a Trainer, train (or resume), and log the run's checkpoints."""
     seed_everything(seed)
     device = resolve_device(cfg.trainer.device)
     train_loader, val_loader = build_loaders(
         *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed, pin_memory=device.type == "cuda"
     )
+    run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config, "mlflow_run_id": tracker.run_id}
     trainer = Trainer(
         model, train_loader, val_loader, cfg=cfg.trainer, epochs=epochs,
-        num_classes=cfg.dataset.num_classes, out_dir=out_dir, model_config=model_cfg,
-        log=tracker.log_metrics, device=device,
+        num_classes=cfg.dataset.num_classes, out_dir=plan.out_dir, model_config=model_cfg,
+        log=tracker.log_metrics, device=device, run_info=run_info,
     )
+    if plan.resuming:
+        trainer.restore(plan.checkpoint, plan.checkpoint_path)
+        logged = tracker.logged_steps("train/loss") if tracker.run_id else set()
+        for epoch, metrics in enumerate(trainer.history, start=1):
+            if tracker.run_id and epoch not in logged:
+                tracker.log_metrics(metrics, epoch)  # killed between its checkpoint and its log
     result = trainer.fit()
     result["val_loader"] = val_loader
     result["device"] = device
@@ -107,14 +135,16 @@ def fit(
     return result
 
 
-def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, out_dir: Path) -> dict[str, Any]:
-    """Train a teacher with cross-entropy only, as its own MLflow run."""
+def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan, cache_dir: str | None) -> dict[str, Any]:
+    """Train (or resume training) a teacher with cross-entropy only, as its own MLflow run."""
     seed_everything(cfg.teacher.seed)
-    teacher = instantiate(cfg.teacher.model)
+    teacher = build(cfg.teacher.model)
     params = run_params(cfg) | {"params/teacher_m": count_params(teacher) / 1e6}
-    with tracker.run(f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}", params, tags_for(cfg, "teacher", None)):
+    name = f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}"
+    with plan.active("teacher", cache_dir), tracker.run(name, params, tags_for(cfg, "teacher", None), plan.mlflow_run_id, plan.out_dir):
+        log_skipped(cfg, tracker, datasets, plan)
         result = fit(
-            cfg, tracker, Distiller(teacher), datasets, out_dir, cfg.trainer.teacher_epochs,
+            cfg, tracker, Distiller(teacher), datasets, plan, cfg.trainer.teacher_epochs,
             model_config(cfg.teacher.model), cfg.teacher.seed,
         )
     print(f"teacher val mIoU {100 * result['final_miou']:.2f} -> {result['last_checkpoint']}")
@@ -122,12 +152,15 @@ def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, out_dir: P
 
 
 def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path]:
-    """The configured teacher checkpoint, or the cached one (trained once under a file lock)."""
-    expect = {"classes": cfg.dataset.num_classes}
+    """The configured teacher checkpoint, or the cached one (trained once under a file lock).
+
+    A cached teacher whose training was interrupted is resumed (unless ``trainer.resume=off``).
+    """
+    expect = {key: cfg.teacher.model[key] for key in ("encoder_name", "output_stride")} | {"classes": cfg.dataset.num_classes}
     if cfg.teacher.checkpoint is not None:
         return load_model(cfg.teacher.checkpoint, expect) + (Path(cfg.teacher.checkpoint),)
     if cfg.dataset.name != "synthetic":
-        raise ValueError(
+        raise ConfigError(
             f"teacher.checkpoint is null and dataset={cfg.dataset.name}: train a teacher first "
             "(python run.py task=teacher dataset=...) and pass teacher.checkpoint=PATH"
         )
@@ -137,7 +170,9 @@ def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path
         if not path.exists():
             print(f"no cached teacher at {path}: training one ({cfg.trainer.teacher_epochs} epochs)", flush=True)
             t0 = time.perf_counter()
-            result = train_teacher(cfg, Tracker.from_config(cfg), datasets, path.parent / f"{path.stem}-run")
+            mode = "off" if cfg.trainer.resume == "off" else "auto"
+            plan = plan_run(mode, path.parent / f"{path.stem}-run", {"teacher_cache": path.name})
+            result = train_teacher(cfg, Tracker.from_config(cfg), datasets, plan, None)
             result["last_checkpoint"].replace(path)
             print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
     return load_model(path, expect) + (path,)
@@ -148,18 +183,34 @@ def check_taps(model: nn.Module, terms: dict[str, nn.Module], role: str) -> None
     for term in terms.values():
         try:
             resolve_module(model, term.tap)
-        except ValueError as err:
-            raise ValueError(f"{role}: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{role}: {err}") from None
 
 
-def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
+def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) -> None:
+    """With ``dataset.on_bad_sample=skip``: list the left-out samples in bad_samples.txt, log their count."""
+    if cfg.dataset.on_bad_sample != "skip" or plan.resuming:
+        return
+    counts = {f"data/skipped_{split}": len(ds.skipped) for split, ds in zip(("train", "val"), datasets)}
+    tracker.log_metrics(counts, 0)
+    lines = [f"{split}\t{p.path}\t{p.message}\n" for split, ds in zip(("train", "val"), datasets) for p in ds.skipped]
+    if lines:
+        path = plan.out_dir / "bad_samples.txt"
+        path.write_text("".join(lines))
+        tracker.log_artifact(path)
+        print(f"warning: skipped {len(lines)} bad sample(s) (train {counts['data/skipped_train']}, "
+              f"val {counts['data/skipped_val']}); listed in {path}", flush=True)
+
+
+def distill(cfg: DictConfig, tracker: Tracker) -> float:
     """Train the student with CE + the active distillation terms against a frozen teacher."""
     terms = active_terms(cfg)
     seed_everything(cfg.seed)
-    student = instantiate(cfg.student)
+    student = build(cfg.student)
     check_taps(student, terms, "student")
     if terms:
-        check_taps(instantiate(cfg.teacher.model), terms, "teacher")
+        check_taps(build(cfg.teacher.model), terms, "teacher")
+    plan = plan_for(cfg)
     datasets = build_datasets(cfg.dataset)
     teacher, teacher_ckpt, teacher_path = get_teacher(cfg, datasets) if terms else (None, None, None)
     model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode)
@@ -168,11 +219,14 @@ def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
     if teacher is not None:
         params["params/teacher_m"] = count_params(teacher) / 1e6
         params["teacher_checkpoint"] = str(teacher_path)
-    with tracker.run(name, params, tags_for(cfg, "distill", cfg.student.encoder_name)) as run_id:
-        result = fit(cfg, tracker, model, datasets, out_dir, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)
+    tags = tags_for(cfg, "distill", cfg.student.encoder_name)
+    out_dir = plan.out_dir
+    with plan.active("distill", cfg.paths.cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, out_dir) as run_id:
+        log_skipped(cfg, tracker, datasets, plan)
         teacher_miou = teacher_ckpt["metrics"]["miou"] if teacher_ckpt else None
-        if teacher_miou is not None:
+        if teacher_miou is not None and not plan.resuming:
             tracker.log_metrics({"teacher/val_miou": teacher_miou}, 0)
+        result = fit(cfg, tracker, model, datasets, plan, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)
         finish(cfg, tracker, out_dir, result, student, teacher)
     print(f"\nstudent {cfg.student.encoder_name} ({cfg.loss.name}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
     if teacher_miou is not None:
@@ -204,15 +258,19 @@ def finish(cfg: DictConfig, tracker: Tracker, out_dir: Path, result: dict, stude
         tracker.log_artifact(out_dir / name)
 
 
-def train_teacher_task(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
+def train_teacher_task(cfg: DictConfig, tracker: Tracker) -> float:
     """``task=teacher``: train a teacher (CE only) and write its checkpoint to the run folder."""
-    result = train_teacher(cfg, tracker, build_datasets(cfg.dataset), out_dir)
+    plan = plan_for(cfg)
+    result = train_teacher(cfg, tracker, build_datasets(cfg.dataset), plan, cfg.paths.cache_dir)
     print(f"use it with: python run.py teacher.checkpoint={result['last_checkpoint']}")
     return result["final_miou"]
 
 
-def eval_task(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
+def eval_task(cfg: DictConfig, tracker: Tracker) -> float:
     """``task=eval``: evaluate ``checkpoint`` (default: the cached teacher) on the val split."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     path = Path(cfg.checkpoint) if cfg.checkpoint else teacher_cache_path(cfg)
     model, _ = load_model(path, {"classes": cfg.dataset.num_classes})
     _, val_set = build_datasets(cfg.dataset)

@@ -13,6 +13,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from kdseg.errors import ConfigError
+
 
 def encoder_names() -> list[str]:
     """Names of every encoder smp can build."""
@@ -53,13 +55,13 @@ def build_model(
     if encoder_name not in valid:
         close = difflib.get_close_matches(encoder_name, valid, n=5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown encoder_name '{encoder_name}'.{hint} Valid smp encoders: {', '.join(valid)}"
         )
     if classes < 1:
-        raise ValueError(f"classes must be >= 1, got {classes}")
+        raise ConfigError(f"classes must be >= 1, got {classes}")
     if output_stride not in (8, 16):
-        raise ValueError(f"output_stride must be 8 or 16 for DeepLabV3+, got {output_stride}")
+        raise ConfigError(f"output_stride must be 8 or 16 for DeepLabV3+, got {output_stride}")
     try:
         model = smp.DeepLabV3Plus(
             encoder_name=encoder_name,
@@ -70,7 +72,7 @@ def build_model(
     except (OSError, ConnectionError, RuntimeError) as err:
         if encoder_weights is None:
             raise
-        raise RuntimeError(
+        raise ConfigError(
             f"could not load encoder_weights='{encoder_weights}' for '{encoder_name}': {err}. "
             "The weights are downloaded on first use; without network access set "
             "encoder_weights=null (random init) or pre-populate the torch/huggingface cache."
@@ -93,7 +95,7 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         names = [n for n, _ in model.named_modules() if n]
         close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise ValueError(f"tap module path '{path}' not found in {type(model).__name__}{hint}") from None
+        raise ConfigError(f"tap module path '{path}' not found in {type(model).__name__}{hint}") from None
 
 
 def _disable_inplace_after(model: nn.Module, path: str) -> None:

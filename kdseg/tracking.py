@@ -1,15 +1,31 @@
-"""MLflow tracking: one run per training job, with flattened params, tags, metrics and artifacts."""
+"""MLflow tracking: one run per training job, with flattened params, tags, metrics and artifacts.
+
+Reliability: the store is probed when the tracker is made (an unreachable store is a
+one-line :class:`~kdseg.errors.TrackingError` before any training); every later call is
+retried, and what still cannot be sent (metrics, artifacts, the final status) is kept in
+memory and in the run folder's ``mlflow_pending.jsonl``, sent with the next call that gets
+through, at the end of the run, when the run is resumed, or by hand with
+``python -m kdseg.tracking <run folder>/mlflow_pending.jsonl``.
+"""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from kdseg.errors import TrackingError, one_line
+
+PENDING_FILE = "mlflow_pending.jsonl"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""For a tracking server: kdseg retries itself (with waits), so MLflow's own retries are off."""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -33,48 +49,192 @@ def git_commit(path: str | os.PathLike = ".") -> str:
         return "unknown"
 
 
+def _store_lock(tracking_uri: str):
+    """A file lock around creating a SQLite store, so parallel jobs do not race its schema setup."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock")
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` that does nothing when tracking is disabled."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        enabled: bool = True,
+        retries: int = 3,
+        retry_wait_s: float = 2.0,
+    ) -> None:
         self.enabled = enabled
         self.tracking_uri = tracking_uri
+        self.retries, self.retry_wait_s = retries, retry_wait_s
         self.run_id: str | None = None
+        self.pending: list[dict] = []
+        self.pending_file: Path | None = None
         if not enabled:
             return
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri)
+        if tracking_uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         try:
-            experiment = self.client.get_experiment_by_name(experiment_name)
-            self.experiment_id = (
-                experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
-            )
-        except mlflow.exceptions.MlflowException as err:
-            raise RuntimeError(f"MLflow tracking store '{tracking_uri}' is not usable: {err}") from err
+            with _store_lock(tracking_uri):
+                self.client = MlflowClient(tracking_uri)
+                experiment = self.client.get_experiment_by_name(experiment_name)
+                if experiment is None:
+                    self.client.create_experiment(experiment_name)
+                    experiment = self.client.get_experiment_by_name(experiment_name)
+                self.experiment_id = experiment.experiment_id
+        except Exception as err:  # MlflowException, connection and database errors alike
+            raise TrackingError(
+                f"MLflow tracking store '{tracking_uri}' is not reachable ({one_line(err)[:300]}); start it, "
+                "point logger.tracking_uri (or MLFLOW_TRACKING_URI) at a working store, or run with logger=none"
+            ) from err
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Tracker":
-        return cls(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.logger.enabled)
+        log = cfg.logger
+        return cls(log.tracking_uri, log.experiment_name, log.enabled, log.get("retries", 3), log.get("retry_wait_s", 2.0))
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
-        """Create the run, log params and tags; returns the run id."""
+    # -------------------------------------------------------------------- calls with retries
+
+    def _call(self, what: str, fn: Callable, *args: Any, retries: int | None = None, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, retried with doubling waits; the last failure is raised."""
+        retries = self.retries if retries is None else retries
+        wait = self.retry_wait_s
+        for attempt in range(retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if attempt == retries:
+                    raise
+                print(f"warning: MLflow {what} failed ({one_line(err)[:200]}); retry {attempt + 1}/{retries} in {wait:g}s", flush=True)
+                time.sleep(wait)
+                wait *= 2
+
+    def _send(self, op: dict, retries: int | None = None) -> None:
+        """Perform one recorded operation on the store."""
+        from mlflow.entities import Metric
+
+        run_id = op["run_id"]
+        if op["op"] == "metrics":
+            batch = [Metric(k, float(v), op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
+            for i in range(0, len(batch), 1000):
+                self._call("log_metrics", self.client.log_batch, run_id, metrics=batch[i : i + 1000], retries=retries)
+        elif op["op"] == "artifact":
+            self._call("log_artifact", self.client.log_artifact, run_id, op["path"], op["artifact_path"], retries=retries)
+        elif op["op"] == "terminate":
+            self._call("set_terminated", self.client.set_terminated, run_id, op["status"], retries=retries)
+
+    def _do(self, op: dict) -> None:
+        """Send earlier unsent operations, then ``op``; keep ``op`` for later if the store is down."""
+        if self.pending and not self.flush(retries=0):
+            self._keep(op, None)
+            return
+        try:
+            self._send(op)
+        except Exception as err:
+            self._keep(op, err)
+
+    def _keep(self, op: dict, err: Exception | None) -> None:
+        self.pending.append(op)
+        if self.pending_file is not None:
+            self.pending_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.pending_file, "a") as f:
+                f.write(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n")
+        if err is not None:
+            where = f"kept in {self.pending_file}" if self.pending_file else "kept in memory"
+            print(f"warning: MLflow is unreachable ({one_line(err)[:200]}); {op['op']} {where}, sent when it is back", flush=True)
+
+    def flush(self, retries: int | None = None) -> bool:
+        """Send the operations kept while the store was down; True when none are left."""
+        while self.pending:
+            try:
+                self._send(self.pending[0], retries=retries)
+            except Exception:
+                break
+            self.pending.pop(0)
+            self._rewrite_pending_file()
+        return not self.pending
+
+    def _rewrite_pending_file(self) -> None:
+        if self.pending_file is None:
+            return
+        if not self.pending:
+            self.pending_file.unlink(missing_ok=True)
+            return
+        tmp = self.pending_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n" for op in self.pending))
+        os.replace(tmp, self.pending_file)
+
+    # -------------------------------------------------------------------- run lifecycle
+
+    def start(
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        run_id: str | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ) -> str | None:
+        """Create the run (or reopen ``run_id`` to continue it), log params and tags; returns the run id.
+
+        ``run_dir`` is where operations that cannot be sent are kept (``mlflow_pending.jsonl``);
+        ones left there by an earlier process of this run are sent first.
+        """
         if not self.enabled:
             return None
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        if run_dir is not None:
+            self.pending_file = Path(run_dir) / PENDING_FILE
+            if self.pending_file.is_file():
+                self.pending = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line.strip()]
+                print(f"sending {len(self.pending)} MLflow operation(s) kept from an earlier attempt", flush=True)
+                self.flush()
+        tags = {k: str(v) for k, v in tags.items()}
+        if run_id is not None:
+            try:
+                self._call("get_run", self.client.get_run, run_id)
+            except Exception as err:
+                print(f"warning: cannot reopen MLflow run {run_id} ({one_line(err)[:200]}); starting a new one", flush=True)
+                tags["resumed_from"] = run_id
+            else:
+                self.run_id = run_id
+                try:
+                    self._call("update_run", self.client.update_run, run_id, status="RUNNING")
+                except Exception as err:
+                    print(f"warning: MLflow run {run_id} not marked RUNNING again ({one_line(err)[:200]})", flush=True)
+                self.set_tags(tags)
+                return run_id
+        try:
+            run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+        except Exception as err:
+            raise TrackingError(f"MLflow tracking store '{self.tracking_uri}' failed to create the run ({one_line(err)[:300]})") from err
         return self.run_id
 
     @contextmanager
-    def run(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str | None]:
+    def run(
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        run_id: str | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ) -> Iterator[str | None]:
         """``start`` ... ``end``: the run ends FINISHED, or FAILED if the body raises."""
-        run_id = self.start(run_name, params, tags)
+        run_id = self.start(run_name, params, tags, run_id, run_dir)
         try:
             yield run_id
         except BaseException:
@@ -85,27 +245,73 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self.run_id is None:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        self._do({"op": "metrics", "run_id": self.run_id, "step": step, "timestamp": now,
+                  "metrics": {k: float(v) for k, v in metrics.items()}})
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which ``key`` is already in the store (empty if it cannot be asked)."""
+        if not self.enabled or self.run_id is None:
+            return set()
+        try:
+            history = self._call("get_metric_history", self.client.get_metric_history, self.run_id, key)
+        except Exception:
+            return set()
+        return {m.step for m in history}
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled and self.run_id:
             for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, str(value))
+                try:
+                    self._call("set_tag", self.client.set_tag, self.run_id, key, str(value))
+                except Exception as err:
+                    print(f"warning: MLflow tag {key} not set ({one_line(err)[:200]})", flush=True)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._do({"op": "artifact", "run_id": self.run_id, "path": str(path), "artifact_path": artifact_path})
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            self.client.set_terminated(self.run_id, status)
+        if not (self.enabled and self.run_id):
+            return
+        self._do({"op": "terminate", "run_id": self.run_id, "status": status})
+        if self.pending and not self.flush():
+            where = f"kept in {self.pending_file}" if self.pending_file else "lost: no run folder to keep them in"
+            hint = f"; send them with: python -m kdseg.tracking {self.pending_file}" if self.pending_file else ""
+            print(f"warning: {len(self.pending)} MLflow operation(s) of run {self.run_id} could not be sent, {where}{hint}", flush=True)
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:
     """Flattened, resolved config without Hydra's own keys."""
     return flatten(OmegaConf.to_container(cfg, resolve=True))
+
+
+def replay(pending_file: str | os.PathLike) -> int:
+    """Send the operations kept in a ``mlflow_pending.jsonl``; returns how many are still unsent."""
+    path = Path(pending_file)
+    ops = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not ops:
+        path.unlink()
+        return 0
+    tracker = Tracker(ops[0]["tracking_uri"], "Default", retries=3, retry_wait_s=2.0)
+    tracker.pending, tracker.pending_file = ops, path
+    tracker.flush()
+    return len(tracker.pending)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdseg.tracking FILE``: send metrics and artifacts kept while MLflow was down."""
+    from kdseg.errors import reported
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(f"usage: python -m kdseg.tracking <run folder>/{PENDING_FILE}")
+        return 2
+    with reported():
+        left = replay(args[0])
+    print(f"{left} operation(s) still unsent" if left else "all kept MLflow operations sent")
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

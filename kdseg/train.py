@@ -4,6 +4,7 @@ Read it top to bottom: ``Trainer.fit`` is one loop over epochs and batches.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -20,9 +21,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdseg.checkpoint import save_checkpoint
+from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
+from kdseg.errors import ConfigError, NonFiniteLossError
 from kdseg.metrics import ConfusionMatrix
+from kdseg.resume import rng_state, set_rng_state
+
+NONFINITE_CHECK_EVERY = 10
+"""Iterations between checks for a NaN / inf loss (each check is one device sync)."""
 
 
 class PolyLR(LambdaLR):
@@ -46,7 +52,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={device} but CUDA is not available here; use trainer.device=auto or cpu")
+        raise ConfigError(f"trainer.device={device} but CUDA is not available here; use trainer.device=auto or cpu")
     return dev
 
 
@@ -107,11 +113,41 @@ def epoch_metrics(result: dict[str, Any], class_names: tuple[str, ...] = VOC_CLA
     return out
 
 
+class NonFiniteGuard:
+    """Watches every iteration's loss terms for NaN / inf without a device sync per iteration.
+
+    ``add`` keeps the (detached) values on the device; ``check`` looks at all kept ones at
+    once and raises :class:`~kdseg.errors.NonFiniteLossError` naming the first bad term and
+    its iteration.
+    """
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[int, list[str], torch.Tensor]] = []
+
+    def add(self, iteration: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        names = [*parts, "total"]
+        self.kept.append((iteration, names, torch.stack([*(v.float() for v in parts.values()), total.detach().float()])))
+
+    def check(self, where: str = "") -> None:
+        if not self.kept:
+            return
+        if bool(torch.stack([values for _, _, values in self.kept]).isfinite().all()):
+            self.kept.clear()
+            return
+        for iteration, names, values in self.kept:
+            bad = [(name, v) for name, v in zip(names, values.tolist()) if not math.isfinite(v)]
+            if bad:
+                terms = ", ".join(f"{'loss' if name == 'total' else 'loss_' + name} = {v}" for name, v in bad)
+                raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {terms}; training stopped{where}")
+
+
 class Trainer:
     """Trains ``model.student`` through a :class:`~kdseg.distill.Distiller`-like module.
 
     ``model(images, masks)`` must return ``(total_loss, {term: loss}, logits)`` and expose
-    the network being trained as ``model.student``.
+    the network being trained as ``model.student``. After every epoch ``last.pt`` holds
+    the full training state (weights, optimizer, lr schedule, AMP scaler, epoch, iteration,
+    best metric, metric history, RNG states) and :meth:`restore` continues from it.
     """
 
     def __init__(
@@ -127,6 +163,7 @@ class Trainer:
         model_config: dict,
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
         device: torch.device | None = None,
+        run_info: dict | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
@@ -151,17 +188,35 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.model_config = model_config
         self.log = log
+        self.run_info = run_info or {}
+        self.start_epoch = 1
         self.iteration = 0
         self.best_miou = -1.0
+        self.last_result: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
+        self.guard = NonFiniteGuard()
+
+    def restore(self, ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
+        """Continue from a checkpoint written by :meth:`save`: the run goes on as if never stopped."""
+        check_model(path, ckpt, {k: self.model_config[k] for k in ("encoder_name", "classes", "output_stride")})
+        load_weights(path, self.student, ckpt)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = ckpt["epoch"] + 1
+        self.iteration = ckpt["iteration"]
+        self.best_miou = ckpt["best_miou"]
+        self.history = list(ckpt["history"])
+        self.last_result = ckpt["metrics"] or None
+        set_rng_state(ckpt["rng"], self.train_loader.generator)
 
     def fit(self) -> dict[str, Any]:
         """Train for the budget; returns the final and best metrics and the checkpoint paths."""
         cfg = self.cfg
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        for epoch in range(1, self.epochs + 1):
+        for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
-            t0, seen, steps = time.perf_counter(), 0, 0
+            t0, seen, steps, skipped = time.perf_counter(), 0, 0, 0
             sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not cfg.progress)
             for images, masks in bar:
@@ -173,16 +228,23 @@ class Trainer:
                     loss, parts, _ = self.model(images, masks)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if scale is not None and self.scaler.get_scale() < scale:
+                    skipped += 1  # fp16 gradients overflowed: the scaler skipped this step (normal)
                 self.scheduler.step()
                 self.iteration += 1
+                self.guard.add(self.iteration, loss, parts)
+                if self.iteration % NONFINITE_CHECK_EVERY == 0:
+                    self.guard.check(self.stop_note())
                 seen += images.shape[0]
                 steps += 1
                 for name, value in {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}.items():
                     sums[name] = sums.get(name, 0.0) + value.float()
                 if cfg.progress and self.iteration % 10 == 0:
                     bar.set_postfix({k: f"{v.item():.3g}" for k, v in parts.items()})
+            self.guard.check(self.stop_note())
             elapsed = time.perf_counter() - t0
             metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
             metrics |= {
@@ -190,20 +252,24 @@ class Trainer:
                 "time/epoch_s": elapsed,
                 "throughput/img_s": seen / elapsed if elapsed > 0 else 0.0,
             }
+            if self.scaler.is_enabled():
+                metrics["train/amp_skipped_steps"] = skipped
+            improved = False
             if epoch % cfg.eval_every == 0 or epoch == self.epochs:
                 result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress)
                 metrics |= epoch_metrics(result)
+                self.last_result = result
                 improved = result["miou"] > self.best_miou
                 self.best_miou = max(self.best_miou, result["miou"])
-                if improved:
-                    self.save("best.pt", epoch, result)
-                self.save("last.pt", epoch, result)
                 print(
                     f"epoch {epoch}/{self.epochs}  loss {metrics['train/loss']:.4f}  "
                     f"val mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}  ({elapsed:.0f}s)",
                     flush=True,
                 )
             self.history.append(metrics)
+            if improved:
+                self.save("best.pt", epoch)
+            self.save("last.pt", epoch, keep_previous=True)
             self.log(metrics, epoch)
         final = self.history[-1]
         return {
@@ -215,17 +281,29 @@ class Trainer:
             "history": self.history,
         }
 
-    def save(self, name: str, epoch: int, result: dict[str, Any]) -> Path:
-        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild on its own."""
+    def stop_note(self) -> str:
+        """Where a run stopped by a bad loss can be picked up again."""
+        if self.history:
+            return f"; the last good checkpoint is '{self.out_dir / 'last.pt'}' (epoch {len(self.history)})"
+        return "; no checkpoint was written before it"
+
+    def save(self, name: str, epoch: int, keep_previous: bool = False) -> Path:
+        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue."""
+        result = self.last_result
+        metrics = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"], "epoch": epoch} if result else {}
         return save_checkpoint(
             self.out_dir / name,
+            keep_previous=keep_previous,
             state_dict=self.student.state_dict(),
             model=self.model_config,
-            metrics={"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"], "epoch": epoch},
+            metrics=metrics,
             epoch=epoch,
             iteration=self.iteration,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
             best_miou=self.best_miou,
+            history=self.history,
+            rng=rng_state(self.train_loader.generator),
+            **self.run_info,
         )

@@ -116,9 +116,48 @@ def test_cfg_job_prints_resolved_pi_lambda():
         ("teacher.bn_mode=frozen", "teacher.bn_mode"),
         ("dataset.eval_mode=tiles", "dataset.eval_mode"),
         ("trainer.base_lr=abc", "trainer.base_lr"),
+        ("dataset.on_bad_sample=ignore", "dataset.on_bad_sample"),
+        ("trainer.resume=''", "trainer.resume"),
+        ("loss.terms.pi.weight=-5", "loss.terms.pi.weight"),
+        ("dataset.crop_size=16", "dataset.crop_size"),
     ],
 )
 def test_validation_names_the_bad_key(make_cfg, override, key):
     cfg = make_cfg(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+@pytest.mark.parametrize("key", ["student.encoder_name", "teacher.model.encoder_name"])
+def test_unknown_encoder_lists_close_and_valid_names(make_cfg, key):
+    cfg = make_cfg(f"{key}=resnet19")
+    with pytest.raises(ConfigError, match=rf"config {key.replace('.', '[.]')}='resnet19': unknown encoder; did you mean resnet18") as err:
+        validate(cfg)
+    assert "Valid smp encoders: " in str(err.value) and "mobilenet_v2" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_tap_is_a_config_error_with_close_matches(make_cfg, tmp_path):
+    from kdseg.main import run
+
+    with pytest.raises(ConfigError, match=r"student: tap module path 'decoder.block3.1' not found .*close matches: decoder.block2.1"):
+        run(make_cfg("loss.terms.pi.tap=decoder.block3.1"))
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"classes": 19}, "has classes=19, but this run needs classes=21"),
+        ({"encoder_name": "resnet50"}, "has encoder_name='resnet50', but this run needs encoder_name='resnet101'"),
+    ],
+)
+def test_teacher_checkpoint_of_other_classes_or_architecture_is_refused(make_cfg, tmp_path, model, message):
+    from kdseg.checkpoint import save_checkpoint
+    from kdseg.errors import CheckpointError
+    from kdseg.main import run
+
+    config = {"encoder_name": "resnet101", "classes": 21, "encoder_weights": None, "output_stride": 16} | model
+    path = save_checkpoint(tmp_path / "teacher.pt", state_dict={}, model=config)
+    with pytest.raises(CheckpointError, match=message):
+        run(make_cfg(f"teacher.checkpoint={path}"))
+    assert not (tmp_path / "out" / "run.json").exists()

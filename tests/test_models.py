@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdseg.checkpoint import load_checkpoint, load_model, save_checkpoint
+from kdseg.checkpoint import load_checkpoint, load_model, previous_path, save_checkpoint
+from kdseg.errors import CheckpointError
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
 from kdseg.models import FeatureTaps, build_model, count_params, resolve_module, zero_init_residual_
 from kdseg.train import PolyLR, amp_policy, param_groups
@@ -255,7 +256,14 @@ def test_truncated_checkpoint(saved, tmp_path):
     data = saved.read_bytes()
     bad = tmp_path / "half.pt"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(CheckpointError, match=r"not a readable kdseg checkpoint: the file is truncated \(\d+ bytes") as err:
+        load_checkpoint(bad)
+    assert "\n" not in str(err.value)
+    bad.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="the file is empty"):
+        load_checkpoint(bad)
+    bad.write_text("epoch,miou\n1,0.5\n")
+    with pytest.raises(CheckpointError, match="it is not a PyTorch checkpoint file"):
         load_checkpoint(bad)
 
 
@@ -284,7 +292,7 @@ class Payload:
 def test_checkpoint_with_custom_object_is_refused(tmp_path):
     path = tmp_path / "obj.pt"
     torch.save({"state_dict": {}, "model": dict(MODEL_CFG), "extra": Harmless()}, path)
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(CheckpointError, match=r"holds Python objects or code \(.*Harmless\) that safe loading"):
         load_checkpoint(path)
 
 
@@ -292,7 +300,7 @@ def test_checkpoint_with_reduce_payload_is_refused_without_running_it(tmp_path):
     path = tmp_path / "payload.pt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": {}, "model": dict(MODEL_CFG), "x": Payload()}, f, protocol=2)
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="holds Python objects or code .*_mark_called"):
         load_checkpoint(path)
     assert CALLED == []
     torch.save({"state_dict": {}, "model": dict(MODEL_CFG), "x": Payload()}, tmp_path / "payload2.pt")
@@ -308,6 +316,15 @@ def test_not_a_kdseg_checkpoint(tmp_path, content):
     torch.save(content, path)
     with pytest.raises(ValueError, match="not a kdseg checkpoint"):
         load_checkpoint(path)
+
+
+def test_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, keep_previous=True, state_dict={}, model={}, epoch=1)
+    assert not previous_path(path).exists()
+    save_checkpoint(path, keep_previous=True, state_dict={}, model={}, epoch=2)
+    assert load_checkpoint(path)["epoch"] == 2 and load_checkpoint(previous_path(path))["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
 
 
 def test_checkpoint_state_dict_mismatch(models, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kdseg.tracking import Tracker, flatten
+from kdseg.tracking import HTTP_DEFAULTS, PENDING_FILE, Tracker, flatten
 
 
 def test_flatten_joins_nested_keys_and_keeps_lists():
@@ -30,3 +30,114 @@ def test_disabled_tracker_does_nothing():
     with tracker.run("r", {}, {}) as run_id:
         tracker.log_metrics({"a": 1.0}, 0)
     assert run_id is None
+
+
+# ------------------------------------------------------------------- an unreliable store
+
+
+def test_unreachable_store_is_a_clear_error_before_training(make_cfg, tmp_path, monkeypatch):
+    from kdseg.errors import TrackingError
+    from kdseg.main import run
+
+    for key, value in HTTP_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+    cfg = make_cfg("logger.tracking_uri=http://127.0.0.1:9")
+    with pytest.raises(TrackingError, match=r"MLflow tracking store 'http://127\.0\.0\.1:9' is not reachable .*logger=none"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+class FlakyStore:
+    """Makes ``MlflowClient.log_batch`` fail while ``down`` is true (or for the next ``fail_next`` calls)."""
+
+    def __init__(self, monkeypatch):
+        from mlflow.tracking import MlflowClient
+
+        self.down, self.fail_next, self.calls = False, 0, 0
+        original = MlflowClient.log_batch
+
+        def log_batch(client, *args, **kwargs):
+            self.calls += 1
+            if self.down or self.fail_next > 0:
+                self.fail_next -= 1
+                raise ConnectionError("store unavailable")
+            return original(client, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+
+
+def steps(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_transient_failure_is_retried(session_dir, monkeypatch, capsys):
+    uri = f"sqlite:///{session_dir}/mlflow.db"
+    tracker = Tracker(uri, "tracking-test", retries=2, retry_wait_s=0)
+    store = FlakyStore(monkeypatch)
+    with tracker.run("retried", {}, {}) as run_id:
+        store.fail_next = 2
+        tracker.log_metrics({"val/miou": 0.25}, 1)
+    assert steps(uri, run_id, "val/miou") == [1]
+    assert capsys.readouterr().out.count("retry") == 2 and not tracker.pending
+
+
+def test_store_down_mid_run_keeps_metrics_and_sends_them_later(session_dir, tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{session_dir}/mlflow.db"
+    tracker = Tracker(uri, "tracking-test", retries=1, retry_wait_s=0)
+    store = FlakyStore(monkeypatch)
+    pending = tmp_path / PENDING_FILE
+    with tracker.run("outage", {}, {}, run_dir=tmp_path) as run_id:
+        tracker.log_metrics({"val/miou": 0.1}, 1)
+        store.down = True
+        tracker.log_metrics({"val/miou": 0.2}, 2)
+        tracker.log_metrics({"val/miou": 0.3}, 3)
+        assert f"kept in {pending}" in capsys.readouterr().out
+        assert len(pending.read_text().splitlines()) == 2
+        store.down = False
+        tracker.log_metrics({"val/miou": 0.4}, 4)
+    assert steps(uri, run_id, "val/miou") == [1, 2, 3, 4]
+    assert not pending.exists()
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_store_down_at_the_end_leaves_a_file_that_can_be_sent(session_dir, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient as Client
+
+    from kdseg.tracking import main as send_pending
+
+    uri = f"sqlite:///{session_dir}/mlflow.db"
+    tracker = Tracker(uri, "tracking-test", retries=0, retry_wait_s=0)
+    with tracker.run("outage-end", {}, {}, run_dir=tmp_path) as run_id:
+        FlakyStore(monkeypatch).down = True
+        monkeypatch.setattr(Client, "set_terminated", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+        tracker.log_metrics({"val/miou": 0.5}, 1)
+    out = capsys.readouterr().out
+    assert f"2 MLflow operation(s) of run {run_id} could not be sent" in out
+    assert f"python -m kdseg.tracking {tmp_path / PENDING_FILE}" in out
+    monkeypatch.undo()
+    assert send_pending([str(tmp_path / PENDING_FILE)]) == 0
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.metrics["val/miou"] == 0.5 and run.info.status == "FINISHED"
+    assert not (tmp_path / PENDING_FILE).exists()
+
+
+def test_training_survives_an_outage_and_every_metric_arrives(make_cfg, monkeypatch, capsys):
+    from kdseg.main import run
+
+    store = FlakyStore(monkeypatch)
+    original = Tracker.log_metrics
+
+    def log_metrics(self, metrics, step):
+        store.down = step == 1 and "train/loss" in metrics  # the store is down while epoch 1 is logged
+        original(self, metrics, step)
+        store.down = False
+
+    monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
+    cfg = make_cfg("loss=none", "trainer.max_iters=null", "trainer.epochs=2", "dataset.num_train=8",
+                   "logger.run_name=outage-e2e", "logger.retry_wait_s=0")
+    run(cfg)
+    assert "kept in" in capsys.readouterr().out
+    client = MlflowClient(cfg.logger.tracking_uri)
+    (mrun,) = client.search_runs([client.get_experiment_by_name("kdseg").experiment_id], "attributes.run_name = 'outage-e2e'")
+    assert steps(cfg.logger.tracking_uri, mrun.info.run_id, "train/loss") == [1, 2]
+    assert mrun.info.status == "FINISHED"

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.voc import VOCSegmentation
+from kdseg.errors import ConfigError, DataError
 
 
 def dataset_root(cfg: DictConfig) -> Path:
@@ -18,26 +19,33 @@ def dataset_root(cfg: DictConfig) -> Path:
     if cfg.name == "synthetic":
         from kdseg.data.synthetic import ensure_synthetic
 
-        return ensure_synthetic(cfg.root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
+        try:
+            return ensure_synthetic(cfg.root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
+        except (ValueError, FileExistsError) as err:
+            raise DataError(str(err)) from err
     return Path(cfg.root)
 
 
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
-    """Train and val datasets of the configured split lists, with the METHOD.md transforms."""
+    """Train and val datasets of the configured split lists, with the METHOD.md transforms.
+
+    Bad samples fail here (pre-flight scan) or are left out, as ``cfg.on_bad_sample`` says.
+    """
     root = dataset_root(cfg)
+    common = dict(image_dir=cfg.image_dir, num_classes=cfg.num_classes, on_bad_sample=cfg.on_bad_sample)
     train = VOCSegmentation(
         root,
         cfg.train_list,
-        image_dir=cfg.image_dir,
         mask_dir=cfg.mask_dir,
         transforms=train_transforms(cfg.base_size, cfg.crop_size, tuple(cfg.scale_range), cfg.blur_prob),
+        **common,
     )
     val = VOCSegmentation(
         root,
         cfg.val_list,
-        image_dir=cfg.image_dir,
         mask_dir=cfg.val_mask_dir,
         transforms=val_transforms(cfg.eval_mode, cfg.base_size, cfg.crop_size),
+        **common,
     )
     return train, val
 
@@ -62,13 +70,23 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = 16
 def build_loaders(
     train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False
 ) -> tuple[DataLoader, DataLoader]:
-    """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader."""
+    """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader.
+
+    Every random draw of the loaders (shuffling, worker seeds) comes from their own
+    generators, whose states a checkpoint saves. Train workers are started per epoch (not
+    persistent) so that a resumed run seeds them exactly as the uninterrupted run did.
+    """
     if len(train_set) < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images)"
         )
-    generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=pad_collate)
-    train = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **common)
-    val = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=pad_collate)
+    train = DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(seed), **common,
+    )
+    val = DataLoader(
+        val_set, batch_size=batch_size, shuffle=False, persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed), **common,
+    )
     return train, val

@@ -1,0 +1,199 @@
+"""Sample checks shared by the VOC reader and ``python -m kdseg.data.check``.
+
+A sample is an image and its mask. What can go wrong, each reported naming the file:
+
+- the image or mask does not exist;
+- it is not a readable image (not an image file, or a broken header);
+- the mask is not a palette / grey PNG of class indices;
+- image and mask differ in size;
+- the file is truncated or corrupt (seen only when the pixels are decoded);
+- the mask holds labels outside ``0..num_classes-1`` and 255.
+
+The first four are seen from the file headers alone (``deep=False``: fast enough to run
+before every training); the last two need every file decoded (``deep=True``).
+
+``python -m kdseg.data.check [overrides ...]`` composes the same config as ``run.py`` and
+reports every problem of the train and val splits at once (exit code 1 if there is any)::
+
+    python -m kdseg.data.check dataset=voc dataset.root=/data/VOCdevkit/VOC2012
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from kdseg.data.classes import IGNORE_INDEX
+from kdseg.errors import ConfigError, DataError, MissingDataError, one_line, reported
+
+MASK_MODES = ("P", "L")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad sample: the file at fault and what is wrong with it."""
+
+    path: Path
+    message: str
+    missing: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _open(path: Path, kind: str) -> Image.Image:
+    if not path.is_file():
+        raise MissingDataError(f"{kind} '{path}' does not exist")
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{kind} '{path}' cannot be read as an image ({_reason(err)})") from err
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _decode(img: Image.Image, path: Path, kind: str) -> None:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DataError(f"{kind} '{path}' is truncated or corrupt ({_reason(err)})") from err
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The RGB pixels (H x W x 3 uint8); a DataError naming the file if it cannot be read."""
+    with _open(path, "image") as img:
+        _decode(img, path, "image")
+        return np.asarray(img.convert("RGB"))
+
+
+def check_labels(labels: np.ndarray, path: Path, num_classes: int | None) -> None:
+    """Raise if the mask holds a label that is neither a class index nor 255."""
+    if num_classes is None:
+        return
+    bad = (labels >= num_classes) & (labels != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(labels[bad])
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        raise DataError(
+            f"mask '{path}' has label(s) {shown} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
+            f"({int(bad.sum())} pixels)"
+        )
+
+
+def _check_mask_mode(img: Image.Image, path: Path) -> None:
+    if img.mode not in MASK_MODES:
+        raise DataError(f"mask '{path}' has mode {img.mode}; expected a palette (P) or grey (L) PNG of class indices")
+
+
+def read_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
+    """The label map (H x W uint8, 255 = void); a DataError naming the file if it is unusable."""
+    with _open(path, "mask") as img:
+        _check_mask_mode(img, path)
+        _decode(img, path, "mask")
+        labels = np.asarray(img).copy()
+    check_labels(labels, path, num_classes)
+    return labels
+
+
+def check_sizes(image_path: Path, image_hw: tuple[int, int], mask_path: Path, mask_hw: tuple[int, int]) -> None:
+    if tuple(image_hw) != tuple(mask_hw):
+        raise DataError(
+            f"image '{image_path}' is {tuple(image_hw)} (HxW) but its mask '{mask_path}' is {tuple(mask_hw)}"
+        )
+
+
+def check_sample(image_path: Path, mask_path: Path, num_classes: int | None, deep: bool) -> list[Problem]:
+    """Every problem of one sample (empty if it is fine); ``deep`` decodes the pixels too."""
+    problems, sizes = [], {}
+    for path, kind in ((image_path, "image"), (mask_path, "mask")):
+        try:
+            if deep:
+                pixels = read_image(path) if kind == "image" else read_mask(path, num_classes)
+                sizes[kind] = pixels.shape[:2]
+            else:
+                with _open(path, kind) as img:
+                    if kind == "mask":
+                        _check_mask_mode(img, path)
+                    sizes[kind] = (img.height, img.width)
+        except DataError as err:
+            problems.append(Problem(path, str(err), isinstance(err, MissingDataError)))
+    if len(sizes) == 2:
+        try:
+            check_sizes(image_path, sizes["image"], mask_path, sizes["mask"])
+        except DataError as err:
+            problems.append(Problem(mask_path, str(err)))
+    return problems
+
+
+def scan(
+    samples: Sequence[tuple[Path, Path]], num_classes: int | None, deep: bool, workers: int | None = None
+) -> list[list[Problem]]:
+    """``check_sample`` for every sample (in threads: decoding releases the GIL), in order."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda pair: check_sample(*pair, num_classes, deep), samples))
+
+
+def summarize(problems: Sequence[Problem], source: str, shown: int = 3) -> str:
+    """One line: how many problems in ``source``, the first ``shown`` of them, and what to do."""
+    head = "; ".join(str(p) for p in problems[:shown])
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    count = "1 bad sample" if len(problems) == 1 else f"{len(problems)} problems"
+    return (
+        f"{count} in {source}: {head}{more}. `python -m kdseg.data.check` lists every problem; "
+        "dataset.on_bad_sample=skip trains without the bad samples"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Decode every sample of the configured train and val splits and report all problems."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from kdseg.data import dataset_root
+    from kdseg.data.voc import read_split
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
+    cwd = os.getcwd()
+    with reported():
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                cfg = compose("config", overrides=[f"paths.root_dir={cwd}", f"paths.output_dir={cwd}", *argv])
+        except HydraException as err:
+            raise ConfigError(one_line(err)) from err
+        ds = cfg.dataset
+        root = dataset_root(ds)
+        if not root.is_dir():
+            raise MissingDataError(f"dataset.root '{root}' does not exist")
+        total = 0
+        for split, list_file, mask_dir in (("train", ds.train_list, ds.mask_dir), ("val", ds.val_list, ds.val_mask_dir)):
+            try:
+                samples = read_split(root, list_file, ds.image_dir, mask_dir)
+            except DataError as err:
+                print(f"{split}: {err}")
+                total += 1
+                continue
+            problems = [p for found in scan(samples, ds.num_classes, deep=True) for p in found]
+            for problem in problems:
+                print(f"{split}: {problem}")
+            print(f"{split}: {len(samples)} samples in '{root / list_file}', {len(problems)} problem(s)")
+            total += len(problems)
+    print("dataset OK" if total == 0 else f"{total} problem(s) found")
+    return 1 if total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
