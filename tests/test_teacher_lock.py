@@ -31,7 +31,7 @@ def teacher_runs(root: Path) -> list:
 
 
 def _job(root: Path, barrier, log: Path) -> None:
-    """One forked job: wait for the other, then get the teacher (training it if missing)."""
+    """One spawned job: wait for the other, then get the teacher (training it if missing)."""
     from kdseg.data import build_datasets
 
     sys.stdout = open(log, "w", buffering=1)
@@ -40,8 +40,9 @@ def _job(root: Path, barrier, log: Path) -> None:
     get_teacher(cfg, build_datasets(cfg.dataset))
 
 
-def test_two_forked_jobs_train_the_teacher_once(tmp_path):
-    context = multiprocessing.get_context("fork")
+def test_two_spawned_jobs_train_the_teacher_once(tmp_path):
+    # spawn, not fork: a child forked after torch has started its thread pool can deadlock
+    context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)
     logs = [tmp_path / f"job{i}.log" for i in range(2)]
     jobs = [context.Process(target=_job, args=(tmp_path, barrier, log)) for log in logs]
