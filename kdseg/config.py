@@ -5,12 +5,14 @@ from omegaconf import DictConfig, OmegaConf
 
 TASKS = ("distill", "teacher", "eval")
 DATASETS = ("synthetic", "voc", "voc_aug")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REQUIRED = {
     "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode"),
     "student": ("encoder_name", "classes", "output_stride"),
     "teacher": ("model", "checkpoint", "bn_mode", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),
-    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp"),
+    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp",
+                "channels_last", "cudnn_benchmark", "deterministic", "compile", "compile_mode", "num_threads", "pin_memory", "persistent_workers"),
 }
 
 
@@ -75,6 +77,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("base_lr", "head_lr_mult"):
         _require(isinstance(tr[key], (int, float)) and tr[key] > 0, f"trainer.{key}", tr[key], "a number > 0")
     _require(tr.amp in ("auto", "bf16", "fp16", "off"), "trainer.amp", tr.amp, "auto, bf16, fp16 or off")
-    _require(tr.channels_last in ("auto", True, False), "trainer.channels_last", tr.channels_last, "auto, true or false")
+    for key in ("channels_last", "cudnn_benchmark", "pin_memory"):
+        _require(tr[key] in ("auto", True, False), f"trainer.{key}", tr[key], "auto, true or false")
+    for key in ("deterministic", "compile", "persistent_workers"):
+        _require(isinstance(tr[key], bool), f"trainer.{key}", tr[key], "true or false")
+    _require(tr.compile_mode in COMPILE_MODES, "trainer.compile_mode", tr.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
+    if tr.num_threads is not None:
+        _positive_int(cfg, "trainer.num_threads")
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.name == "synthetic", "checkpoint", cfg.checkpoint, "a checkpoint path for task=eval on real data")

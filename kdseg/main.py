@@ -24,7 +24,7 @@ from kdseg.distill import Distiller
 from kdseg.models import count_params, resolve_module
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
-from kdseg.train import Trainer, evaluate, resolve_device, seed_everything
+from kdseg.train import Trainer, auto_flag, evaluate, resolve_device, seed_everything
 from kdseg.viz import save_prediction_grid
 
 TEACHER_TRAIN_KEYS = ("teacher_epochs", "max_iters", "batch_size", "base_lr", "base_batch", "head_lr_mult", "optimizer", "scheduler", "amp")
@@ -91,7 +91,8 @@ def fit(
     seed_everything(seed)
     device = resolve_device(cfg.trainer.device)
     train_loader, val_loader = build_loaders(
-        *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed, pin_memory=device.type == "cuda"
+        *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed,
+        pin_memory=auto_flag(cfg.trainer.pin_memory, device), persistent_workers=cfg.trainer.persistent_workers,
     )
     trainer = Trainer(
         model, train_loader, val_loader, cfg=cfg.trainer, epochs=epochs,

@@ -8,7 +8,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,25 @@ def amp_policy(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return dtype, dtype == torch.float16
+
+
+def auto_flag(value: bool | str, device: torch.device) -> bool:
+    """A ``true | false | auto`` switch; ``auto`` is on for CUDA devices only."""
+    return value is True or (value == "auto" and device.type == "cuda")
+
+
+def configure_backends(cfg: Any, device: torch.device) -> None:
+    """Process-wide speed switches: CPU threads, cuDNN autotuning and determinism (CUDA).
+
+    ``cudnn_benchmark: auto`` autotunes the convolution algorithms for each input shape
+    unless ``deterministic`` asks for bitwise-repeatable cuDNN kernels.
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = bool(cfg.deterministic)
+        benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.benchmark = not cfg.deterministic if benchmark == "auto" else bool(benchmark)
 
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
@@ -132,11 +151,14 @@ class Trainer:
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.student = model.student
+        configure_backends(cfg, self.device)
         self.amp_dtype, use_scaler = amp_policy(cfg.amp, self.device)
-        channels_last = cfg.channels_last == "auto" and self.device.type == "cuda" or cfg.channels_last is True
+        channels_last = auto_flag(cfg.channels_last, self.device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if cfg.compile:
+            self.student.compile(mode=cfg.compile_mode)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.num_classes = num_classes
@@ -158,7 +180,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train for the budget; returns the final and best metrics and the checkpoint paths."""
         cfg = self.cfg
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         for epoch in range(1, self.epochs + 1):
             self.model.train()
             t0, seen, steps = time.perf_counter(), 0, 0
@@ -167,16 +188,7 @@ class Trainer:
             for images, masks in bar:
                 if self.iteration >= self.max_iters:
                     break
-                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                masks = masks.to(self.device, non_blocking=True)
-                with autocast:
-                    loss, parts, _ = self.model(images, masks)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.iteration += 1
+                loss, parts = self.train_step(images, masks)
                 seen += images.shape[0]
                 steps += 1
                 for name, value in {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}.items():
@@ -214,6 +226,27 @@ class Trainer:
             "last_checkpoint": self.out_dir / "last.pt",
             "history": self.history,
         }
+
+    def autocast(self) -> AbstractContextManager:
+        """The mixed-precision context that ``trainer.amp`` asks for (a no-op when it is off)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step on a batch; returns the detached total loss and its parts.
+
+        Nothing here waits for the device (no ``.item()``), so CUDA steps queue back to back.
+        """
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        masks = masks.to(self.device, non_blocking=True)
+        with self.autocast():
+            loss, parts, _ = self.model(images, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        return loss.detach(), parts
 
     def save(self, name: str, epoch: int, result: dict[str, Any]) -> Path:
         """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild on its own."""

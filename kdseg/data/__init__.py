@@ -60,15 +60,30 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = 16
 
 
 def build_loaders(
-    train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False
+    train_set: Dataset,
+    val_set: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
 ) -> tuple[DataLoader, DataLoader]:
-    """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader."""
+    """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader.
+
+    ``pin_memory`` gives page-locked batches that copy to a GPU asynchronously;
+    ``persistent_workers`` keeps worker processes alive across epochs (with ``num_workers > 0``).
+    """
     if len(train_set) < batch_size:
         raise ValueError(
             f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images)"
         )
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=pad_collate)
+    common = dict(
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=pad_collate,
+    )
     train = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **common)
     val = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
     return train, val
