@@ -9,7 +9,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 REQUIRED = {
     "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode"),
     "student": ("encoder_name", "classes", "output_stride"),
-    "teacher": ("model", "checkpoint", "bn_mode", "seed"),
+    "teacher": ("model", "checkpoint", "bn_mode", "grad", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),
     "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp",
                 "channels_last", "cudnn_benchmark", "deterministic", "compile", "compile_mode", "num_threads", "pin_memory", "persistent_workers"),
@@ -68,6 +68,7 @@ def validate(cfg: DictConfig) -> None:
         _require(isinstance(term.weight, (int, float)) and term.weight >= 0, f"loss.terms.{name}.weight", term.weight, "a number >= 0")
         _require(isinstance(term.get("tap"), str) and term.tap, f"loss.terms.{name}.tap", term.get("tap"), "a module path")
     _require(cfg.teacher.bn_mode in ("eval", "train"), "teacher.bn_mode", cfg.teacher.bn_mode, "eval or train")
+    _require(isinstance(cfg.teacher.grad, bool), "teacher.grad", cfg.teacher.grad, "true or false")
     tr = cfg.trainer
     for key in ("epochs", "teacher_epochs", "batch_size", "eval_every", "base_batch"):
         _positive_int(cfg, f"trainer.{key}")

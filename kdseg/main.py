@@ -163,7 +163,7 @@ def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
         check_taps(instantiate(cfg.teacher.model), terms, "teacher")
     datasets = build_datasets(cfg.dataset)
     teacher, teacher_ckpt, teacher_path = get_teacher(cfg, datasets) if terms else (None, None, None)
-    model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode)
+    model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad)
     name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{cfg.loss.name}-seed{cfg.seed}"
     params = run_params(cfg) | {"params/student_m": count_params(student) / 1e6}
     if teacher is not None:
