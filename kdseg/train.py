@@ -92,7 +92,7 @@ def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]
     return [{"params": encoder, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -101,7 +101,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader."""
+    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader.
+
+    The matrix is accumulated on ``device`` and read back once at the end (no per-batch sync).
+    """
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
