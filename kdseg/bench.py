@@ -91,7 +91,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--memory-child", choices=TRAIN_MODES, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.channels_last=true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    batches = [args.batch] + [int(b) for b in args.scaling_batches.split(",") if b.strip()]
+    if min(batches) < 2:
+        parser.error(f"batch sizes must be >= 2 (got {batches}): a training step's BatchNorm in DeepLabV3+'s "
+                     "image-pooling branch sees one value per channel at batch 1")
+    return args
 
 
 def bench_config(args: argparse.Namespace) -> DictConfig:
@@ -332,7 +337,8 @@ def ablation_switches(cfg: DictConfig, device: torch.device, with_compile: bool)
         ("amp", "off" if amp_on else "bf16"),
     ]
     if device.type == "cuda":
-        switches.append(("cudnn_benchmark", not torch.backends.cudnn.benchmark))
+        benchmark = not tr.deterministic if tr.cudnn_benchmark == "auto" else tr.cudnn_benchmark
+        switches.append(("cudnn_benchmark", not benchmark))
     elif (tr.num_threads or DEFAULT_THREADS) > 1:
         switches.append(("num_threads", 1))
     if with_compile:

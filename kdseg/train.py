@@ -242,7 +242,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         masks = masks.to(self.device, non_blocking=True)
         with self.autocast():
-            loss, parts, _ = self.model(images, masks)
+            loss, parts = self.model(images, masks)[:2]  # the logits are not kept through backward
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -226,3 +226,9 @@ def test_losses_upcast_only_after_reducing():
     # max-pooling commutes with the exact bf16 -> fp32 upcast: pooling first changes nothing
     assert torch.equal(pa, pairwise_loss(low_s.float(), low_t.float()))
     torch.testing.assert_close(pi, pixelwise_loss(low_s.float(), low_t.float()), rtol=1e-5, atol=1e-7)
+
+
+def test_batch_of_one_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scaling-batches", "1,2"])
+    assert "batch sizes must be >= 2" in capsys.readouterr().err
