@@ -237,7 +237,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step on a batch; returns the detached total loss and its parts.
 
-        Nothing here waits for the device (no ``.item()``), so CUDA steps queue back to back.
+        Nothing here waits for the device (no ``.item()``), so CUDA steps queue back to back;
+        the one exception is fp16's GradScaler, which reads its overflow check back.
         """
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         masks = masks.to(self.device, non_blocking=True)
