@@ -12,12 +12,14 @@ __all__ = ["ConfigError", "validate"]
 
 TASKS = ("distill", "teacher", "eval")
 DATASETS = ("synthetic", "voc", "voc_aug")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REQUIRED = {
     "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
     "student": ("encoder_name", "classes", "output_stride"),
-    "teacher": ("model", "checkpoint", "bn_mode", "seed"),
+    "teacher": ("model", "checkpoint", "bn_mode", "grad", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),
-    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp", "resume"),
+    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp",
+                "channels_last", "cudnn_benchmark", "deterministic", "compile", "compile_mode", "num_threads", "pin_memory", "persistent_workers", "resume"),
 }
 
 
@@ -89,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
                  f"a crop whose encoder map ({ds.crop_size // cfg.student.output_stride} px) is large enough to pool "
                  f"with loss.terms.pa.scale={pa.get('scale', 0.5)}")
     _require(cfg.teacher.bn_mode in ("eval", "train"), "teacher.bn_mode", cfg.teacher.bn_mode, "eval or train")
+    _require(isinstance(cfg.teacher.grad, bool), "teacher.grad", cfg.teacher.grad, "true or false")
     tr = cfg.trainer
     for key in ("epochs", "teacher_epochs", "batch_size", "eval_every", "base_batch"):
         _positive_int(cfg, f"trainer.{key}")
@@ -98,7 +101,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("base_lr", "head_lr_mult"):
         _require(isinstance(tr[key], (int, float)) and tr[key] > 0, f"trainer.{key}", tr[key], "a number > 0")
     _require(tr.amp in ("auto", "bf16", "fp16", "off"), "trainer.amp", tr.amp, "auto, bf16, fp16 or off")
-    _require(tr.channels_last in ("auto", True, False), "trainer.channels_last", tr.channels_last, "auto, true or false")
+    for key in ("channels_last", "cudnn_benchmark", "pin_memory"):
+        _require(tr[key] in ("auto", True, False), f"trainer.{key}", tr[key], "auto, true or false")
+    for key in ("deterministic", "compile", "persistent_workers"):
+        _require(isinstance(tr[key], bool), f"trainer.{key}", tr[key], "true or false")
+    _require(tr.compile_mode in COMPILE_MODES, "trainer.compile_mode", tr.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
+    if tr.num_threads is not None:
+        _positive_int(cfg, "trainer.num_threads")
     _require(isinstance(tr.resume, str) and tr.resume != "", "trainer.resume", tr.resume, "auto, off, or a checkpoint (or run folder) path")
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.name == "synthetic", "checkpoint", cfg.checkpoint, "a checkpoint path for task=eval on real data")

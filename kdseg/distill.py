@@ -7,6 +7,7 @@ needed and none is run.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,12 @@ def freeze(model: nn.Module) -> nn.Module:
 class Distiller(nn.Module):
     """Student + frozen teacher; ``forward`` returns the total loss, its parts and the student logits.
 
-    The teacher runs once per batch under ``torch.no_grad`` and in eval mode (BatchNorm on
-    running statistics) even while the distiller is in train mode, unless
-    ``teacher_bn_mode='train'`` reproduces the reference code's batch-statistics teacher.
+    The teacher runs once per batch under ``torch.inference_mode`` and in eval mode (BatchNorm
+    on running statistics) even while the distiller is in train mode; its taps hold the features
+    the loss terms read. Two switches reproduce the reference code instead:
+    ``teacher_bn_mode='train'`` (batch statistics, running statistics drift) and
+    ``teacher_grad=True`` (the teacher's autograd graph is kept and the loss is back-propagated
+    through it and into its weights, which no optimiser steps: a full extra backward pass).
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class Distiller(nn.Module):
         terms: Mapping[str, nn.Module] | None = None,
         ignore_index: int = IGNORE_INDEX,
         teacher_bn_mode: str = "eval",
+        teacher_grad: bool = False,
     ) -> None:
         super().__init__()
         if teacher_bn_mode not in ("eval", "train"):
@@ -49,7 +54,10 @@ class Distiller(nn.Module):
         self.terms = nn.ModuleDict(active)
         self.ignore_index = ignore_index
         self.teacher_bn_mode = teacher_bn_mode
+        self.teacher_grad = teacher_grad
         self.teacher = freeze(teacher) if active else None
+        if self.teacher is not None and teacher_grad:
+            self.teacher.requires_grad_(True)
         taps = [term.tap for term in active.values()]
         self.student_taps = FeatureTaps(student, taps) if active else None
         self.teacher_taps = FeatureTaps(self.teacher, taps) if active else None
@@ -60,14 +68,21 @@ class Distiller(nn.Module):
             self.teacher.train(mode and self.teacher_bn_mode == "train")
         return self
 
+    def run_teacher(self, images: torch.Tensor) -> None:
+        """One teacher pass that fills ``teacher_taps`` (inference mode unless ``teacher_grad``)."""
+        with nullcontext() if self.teacher_grad else torch.inference_mode():
+            self.teacher(images)
+
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         logits = self.student(images)
         losses = {"ce": F.cross_entropy(logits, masks, ignore_index=self.ignore_index)}
         if self.teacher is not None:
-            with torch.no_grad():
-                self.teacher(images)
+            self.run_teacher(images)
             for name, term in self.terms.items():
-                losses[name] = term(self.student_taps[term.tap], self.teacher_taps[term.tap].detach())
+                if self.teacher_grad:
+                    losses[name] = term(self.student_taps[term.tap], self.teacher_taps[term.tap], detach_teacher=False)
+                else:
+                    losses[name] = term(self.student_taps[term.tap], self.teacher_taps[term.tap])
             self.student_taps.clear()
             self.teacher_taps.clear()
         total = sum(losses.values())

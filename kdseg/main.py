@@ -27,7 +27,7 @@ from kdseg.models import count_params, resolve_module
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
-from kdseg.train import Trainer, evaluate, resolve_device, seed_everything
+from kdseg.train import Trainer, auto_flag, evaluate, resolve_device, seed_everything
 from kdseg.viz import save_prediction_grid
 
 TEACHER_TRAIN_KEYS = ("teacher_epochs", "max_iters", "batch_size", "base_lr", "base_batch", "head_lr_mult", "optimizer", "scheduler", "amp")
@@ -112,7 +112,8 @@ def fit(
     seed_everything(seed)
     device = resolve_device(cfg.trainer.device)
     train_loader, val_loader = build_loaders(
-        *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed, pin_memory=device.type == "cuda"
+        *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed,
+        pin_memory=auto_flag(cfg.trainer.pin_memory, device), persistent_workers=cfg.trainer.persistent_workers,
     )
     run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config, "mlflow_run_id": tracker.run_id}
     trainer = Trainer(
@@ -213,7 +214,7 @@ def distill(cfg: DictConfig, tracker: Tracker) -> float:
     plan = plan_for(cfg)
     datasets = build_datasets(cfg.dataset)
     teacher, teacher_ckpt, teacher_path = get_teacher(cfg, datasets) if terms else (None, None, None)
-    model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode)
+    model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad)
     name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{cfg.loss.name}-seed{cfg.seed}"
     params = run_params(cfg) | {"params/student_m": count_params(student) / 1e6}
     if teacher is not None:

@@ -9,7 +9,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,25 @@ def amp_policy(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool
     return dtype, dtype == torch.float16
 
 
+def auto_flag(value: bool | str, device: torch.device) -> bool:
+    """A ``true | false | auto`` switch; ``auto`` is on for CUDA devices only."""
+    return value is True or (value == "auto" and device.type == "cuda")
+
+
+def configure_backends(cfg: Any, device: torch.device) -> None:
+    """Process-wide speed switches: CPU threads, cuDNN autotuning and determinism (CUDA).
+
+    ``cudnn_benchmark: auto`` autotunes the convolution algorithms for each input shape
+    unless ``deterministic`` asks for bitwise-repeatable cuDNN kernels.
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = bool(cfg.deterministic)
+        benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.benchmark = not cfg.deterministic if benchmark == "auto" else bool(benchmark)
+
+
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
     """Encoder at ``lr``; everything else (ASPP, decoder, head) at ``head_lr_mult * lr``."""
     encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
@@ -79,7 +98,7 @@ def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]
     return [{"params": encoder, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -88,7 +107,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader."""
+    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader.
+
+    The matrix is accumulated on ``device`` and read back once at the end (no per-batch sync).
+    """
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
@@ -169,11 +191,14 @@ class Trainer:
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.student = model.student
+        configure_backends(cfg, self.device)
         self.amp_dtype, use_scaler = amp_policy(cfg.amp, self.device)
-        channels_last = cfg.channels_last == "auto" and self.device.type == "cuda" or cfg.channels_last is True
+        channels_last = auto_flag(cfg.channels_last, self.device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if cfg.compile:
+            self.student.compile(mode=cfg.compile_mode)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.num_classes = num_classes
@@ -213,7 +238,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train for the budget; returns the final and best metrics and the checkpoint paths."""
         cfg = self.cfg
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
             t0, seen, steps, skipped = time.perf_counter(), 0, 0, 0
@@ -222,19 +246,8 @@ class Trainer:
             for images, masks in bar:
                 if self.iteration >= self.max_iters:
                     break
-                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                masks = masks.to(self.device, non_blocking=True)
-                with autocast:
-                    loss, parts, _ = self.model(images, masks)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if scale is not None and self.scaler.get_scale() < scale:
-                    skipped += 1  # fp16 gradients overflowed: the scaler skipped this step (normal)
-                self.scheduler.step()
-                self.iteration += 1
+                loss, parts, step_skipped = self.train_step(images, masks)
+                skipped += step_skipped
                 self.guard.add(self.iteration, loss, parts)
                 if self.iteration % NONFINITE_CHECK_EVERY == 0:
                     self.guard.check(self.stop_note())
@@ -280,6 +293,31 @@ class Trainer:
             "last_checkpoint": self.out_dir / "last.pt",
             "history": self.history,
         }
+
+    def autocast(self) -> AbstractContextManager:
+        """The mixed-precision context that ``trainer.amp`` asks for (a no-op when it is off)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+        """One optimisation step on a batch; returns the detached total loss, its parts, and
+        whether fp16's GradScaler skipped the step (gradients overflowed: normal, counted).
+
+        Nothing here waits for the device (no ``.item()``), so CUDA steps queue back to back;
+        the one exception is fp16's GradScaler, which reads its overflow check back.
+        """
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        masks = masks.to(self.device, non_blocking=True)
+        with self.autocast():
+            loss, parts = self.model(images, masks)[:2]  # the logits are not kept through backward
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = scale is not None and self.scaler.get_scale() < scale
+        self.scheduler.step()
+        self.iteration += 1
+        return loss.detach(), parts, skipped
 
     def stop_note(self) -> str:
         """Where a run stopped by a bad loss can be picked up again."""

@@ -203,3 +203,41 @@ def test_freeze():
     before = copy.deepcopy(net.state_dict())
     net(torch.randn(2, 3, 4, 4))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_teacher_runs_under_inference_mode_once():
+    distiller = Distiller(_model("resnet18", 1), _model("resnet18", 0), _terms()).train()
+    seen = []
+    distiller.teacher.decoder.block2[1].register_forward_hook(lambda m, i, o: seen.append(o.is_inference()))
+    _train_steps(distiller, 1)
+    assert seen == [True]
+
+
+def test_teacher_grad_reproduces_reference_gradient_flow():
+    teacher, student = _model("resnet18", 0), _model("resnet18", 1)
+    reference = Distiller(student, teacher, _terms(), teacher_bn_mode="train", teacher_grad=True).train()
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    weights = {k: v.clone() for k, v in teacher.named_parameters()}
+    running_mean = teacher.decoder.block2[1].running_mean.clone()
+
+    _train_steps(reference, 1)  # its optimiser holds only the student's parameters
+
+    # gradients flowed through the teacher into its weights, which no optimiser stepped
+    for module in (teacher.encoder.conv1, teacher.decoder.aspp[0].project[0], teacher.decoder.block2[0][1]):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert all(torch.equal(p, weights[k]) for k, p in teacher.named_parameters())
+    assert not torch.equal(teacher.decoder.block2[1].running_mean, running_mean)
+
+
+def test_teacher_grad_changes_gradients_not_loss_values():
+    images, masks = _batch(0)
+    results = {}
+    for grad in (False, True):
+        distiller = Distiller(_model("resnet18", 1), _model("resnet18", 0), _terms(), teacher_grad=grad).train()
+        torch.manual_seed(0)  # the same dropout masks
+        total, parts, _ = distiller(images, masks)
+        total.backward()
+        results[grad] = (parts, distiller.student.decoder.block2[0][1].weight.grad.clone())
+    for name in ("ce", "pi", "pa"):
+        torch.testing.assert_close(results[True][0][name], results[False][0][name])
+    torch.testing.assert_close(results[True][1], results[False][1])  # the student's own gradient is the same

@@ -68,13 +68,21 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = 16
 
 
 def build_loaders(
-    train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False
+    train_set: Dataset,
+    val_set: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader.
 
     Every random draw of the loaders (shuffling, worker seeds) comes from their own
-    generators, whose states a checkpoint saves. Train workers are started per epoch (not
-    persistent) so that a resumed run seeds them exactly as the uninterrupted run did.
+    generators, whose states a checkpoint saves. Train workers are started per epoch
+    unless ``persistent_workers`` (so that a resumed run seeds them exactly as the
+    uninterrupted run did); val workers persist. ``pin_memory`` gives page-locked batches
+    that copy to a GPU asynchronously.
     """
     if len(train_set) < batch_size:
         raise ConfigError(
@@ -82,7 +90,7 @@ def build_loaders(
         )
     common = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=pad_collate)
     train = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+        train_set, batch_size=batch_size, shuffle=True, drop_last=True, persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed), **common,
     )
     val = DataLoader(

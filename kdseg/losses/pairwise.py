@@ -55,12 +55,15 @@ def _similarity(feat: Tensor) -> Tensor:
     return nodes.transpose(1, 2) @ nodes
 
 
-def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5) -> Tensor:
+def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5, detach_teacher: bool = True) -> Tensor:
     """Unweighted pair-wise loss between student and teacher maps (B x C x H x W).
 
     Channel counts may differ (only the N x N matrices are compared); batch and
-    spatial sizes must match. The teacher map is detached. The result is float32
-    (float64 for float64 inputs, so that gradcheck works), also under autocast.
+    spatial sizes must match. The teacher map is detached unless
+    ``detach_teacher=False`` (the reference code's gradient flow into the teacher).
+    The result is float32 (float64 for float64 inputs, so that gradcheck works),
+    also under autocast: the maps are max-pooled in their own dtype (exact: max
+    commutes with the upcast) and only the small pooled nodes are cast.
     """
     if feat_s.dim() != 4 or feat_t.dim() != 4 or (
         feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]
@@ -73,8 +76,9 @@ def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5) -> Tensor:
     kernel = pairwise_kernel(h, w, scale)
     dtype = torch.promote_types(torch.promote_types(feat_s.dtype, feat_t.dtype), torch.float32)
     with torch.autocast(device_type=feat_s.device.type, enabled=False):
-        pooled_s = F.max_pool2d(feat_s.to(dtype), kernel, kernel, padding=0, ceil_mode=True)
-        pooled_t = F.max_pool2d(feat_t.detach().to(dtype), kernel, kernel, padding=0, ceil_mode=True)
+        feat_t = feat_t.detach() if detach_teacher else feat_t
+        pooled_s = F.max_pool2d(feat_s, kernel, kernel, padding=0, ceil_mode=True).to(dtype)
+        pooled_t = F.max_pool2d(feat_t, kernel, kernel, padding=0, ceil_mode=True).to(dtype)
         n = pooled_t.shape[2] * pooled_t.shape[3]
         return (_similarity(pooled_t) - _similarity(pooled_s)).pow(2).sum() / n**2 / b
 
@@ -93,8 +97,8 @@ class PairwiseLoss(nn.Module):
         self.tap = tap
         self.scale = float(scale)
 
-    def forward(self, feat_s: Tensor, feat_t: Tensor) -> Tensor:
-        return self.weight * pairwise_loss(feat_s, feat_t, self.scale)
+    def forward(self, feat_s: Tensor, feat_t: Tensor, detach_teacher: bool = True) -> Tensor:
+        return self.weight * pairwise_loss(feat_s, feat_t, self.scale, detach_teacher)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, tap={self.tap!r}, scale={self.scale}"

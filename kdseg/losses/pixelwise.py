@@ -24,23 +24,32 @@ def _check_normalize(normalize: str) -> None:
         )
 
 
-def attention_map(feat: Tensor, normalize: str = "height") -> Tensor:
-    """Normalised attention map (B x H x W) of a B x C x H x W feature map."""
+def attention_map(feat: Tensor, normalize: str = "height", dtype: torch.dtype | None = None) -> Tensor:
+    """Normalised attention map (B x H x W) of a B x C x H x W feature map, computed in ``dtype``.
+
+    A lower-precision map (AMP) is reduced over channels in ``dtype`` by one fused norm, so only
+    the small B x H x W map exists in float32, never an upcast copy of the whole feature map.
+    """
     _check_normalize(normalize)
-    att = feat.pow(2).mean(dim=1)
+    dtype = dtype or feat.dtype
+    if feat.dtype == dtype:
+        att = feat.pow(2).mean(dim=1)
+    else:
+        att = torch.linalg.vector_norm(feat, 2, dim=1, dtype=dtype).pow(2) / feat.shape[1]
     if normalize == "height":
         return F.normalize(att, p=2, dim=1, eps=NORM_EPS)
     return F.normalize(att.flatten(1), p=2, dim=1, eps=NORM_EPS).view_as(att)
 
 
-def pixelwise_loss(feat_s: Tensor, feat_t: Tensor, normalize: str = "height") -> Tensor:
+def pixelwise_loss(feat_s: Tensor, feat_t: Tensor, normalize: str = "height", detach_teacher: bool = True) -> Tensor:
     """Unweighted pixel-wise loss between student and teacher maps (B x C x H x W).
 
     Channel counts may differ (the attention map averages them); batch sizes must
     match. If the spatial sizes differ, the student's feature map is resized to
     the teacher's (bilinear, ``align_corners=False``) before its attention map is
-    taken. The teacher map is detached. The result is float32 (float64 for
-    float64 inputs, so that gradcheck works), also under autocast.
+    taken. The teacher map is detached unless ``detach_teacher=False`` (the
+    reference code's gradient flow into the teacher). The result is float32
+    (float64 for float64 inputs, so that gradcheck works), also under autocast.
     """
     _check_normalize(normalize)
     if feat_s.dim() != 4 or feat_t.dim() != 4 or feat_s.shape[0] != feat_t.shape[0]:
@@ -50,11 +59,10 @@ def pixelwise_loss(feat_s: Tensor, feat_t: Tensor, normalize: str = "height") ->
         )
     dtype = torch.promote_types(torch.promote_types(feat_s.dtype, feat_t.dtype), torch.float32)
     with torch.autocast(device_type=feat_s.device.type, enabled=False):
-        feat_s = feat_s.to(dtype)
         if feat_s.shape[2:] != feat_t.shape[2:]:
-            feat_s = F.interpolate(feat_s, size=feat_t.shape[2:], mode="bilinear", align_corners=False)
-        att_s = attention_map(feat_s, normalize)
-        att_t = attention_map(feat_t.detach().to(dtype), normalize)
+            feat_s = F.interpolate(feat_s.to(dtype), size=feat_t.shape[2:], mode="bilinear", align_corners=False)
+        att_s = attention_map(feat_s, normalize, dtype)
+        att_t = attention_map(feat_t.detach() if detach_teacher else feat_t, normalize, dtype)
         return (att_t - att_s).pow(2).mean()
 
 
@@ -72,8 +80,8 @@ class PixelwiseLoss(nn.Module):
         self.tap = tap
         self.normalize = normalize
 
-    def forward(self, feat_s: Tensor, feat_t: Tensor) -> Tensor:
-        return self.weight * pixelwise_loss(feat_s, feat_t, self.normalize)
+    def forward(self, feat_s: Tensor, feat_t: Tensor, detach_teacher: bool = True) -> Tensor:
+        return self.weight * pixelwise_loss(feat_s, feat_t, self.normalize, detach_teacher)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, tap={self.tap!r}, normalize={self.normalize!r}"
