@@ -76,5 +76,6 @@ def validate(cfg: DictConfig) -> None:
         _require(isinstance(tr[key], (int, float)) and tr[key] > 0, f"trainer.{key}", tr[key], "a number > 0")
     _require(tr.amp in ("auto", "bf16", "fp16", "off"), "trainer.amp", tr.amp, "auto, bf16, fp16 or off")
     _require(tr.channels_last in ("auto", True, False), "trainer.channels_last", tr.channels_last, "auto, true or false")
+    _require(tr.sync_bn in (True, False), "trainer.sync_bn", tr.sync_bn, "true or false")
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.name == "synthetic", "checkpoint", cfg.checkpoint, "a checkpoint path for task=eval on real data")

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdseg import dist
 from kdseg.checkpoint import load_model, model_config
 from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
@@ -33,9 +34,11 @@ TEACHER_TRAIN_KEYS = ("teacher_epochs", "max_iters", "batch_size", "base_lr", "b
 def run(cfg: DictConfig) -> float:
     """Validate, then run ``cfg.task``; returns the final val mIoU."""
     validate(cfg)
+    dist.setup(cfg)  # joins the process group under torchrun / a multi-task SLURM job; ranks > 0 go quiet
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = Tracker.from_config(cfg)
     task = {"distill": distill, "teacher": train_teacher_task, "eval": eval_task}[cfg.task]
     return task(cfg, tracker, out_dir)
@@ -88,7 +91,7 @@ def fit(
     seed: int,
 ) -> dict[str, Any]:
     """Build seeded loaders and a Trainer, train, and log the run's checkpoints."""
-    seed_everything(seed)
+    seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
     device = resolve_device(cfg.trainer.device)
     train_loader, val_loader = build_loaders(
         *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed, pin_memory=device.type == "cuda"
@@ -133,11 +136,12 @@ def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path
         )
     path = teacher_cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
+    with dist.main_first(), FileLock(f"{path}.lock"):  # other ranks wait for rank 0, then find the file
         if not path.exists():
             print(f"no cached teacher at {path}: training one ({cfg.trainer.teacher_epochs} epochs)", flush=True)
             t0 = time.perf_counter()
-            result = train_teacher(cfg, Tracker.from_config(cfg), datasets, path.parent / f"{path.stem}-run")
+            with dist.single_process():  # rank 0 alone: the cached teacher does not depend on the world size
+                result = train_teacher(cfg, Tracker.from_config(cfg), datasets, path.parent / f"{path.stem}-run")
             result["last_checkpoint"].replace(path)
             print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
     return load_model(path, expect) + (path,)
@@ -173,7 +177,8 @@ def distill(cfg: DictConfig, tracker: Tracker, out_dir: Path) -> float:
         teacher_miou = teacher_ckpt["metrics"]["miou"] if teacher_ckpt else None
         if teacher_miou is not None:
             tracker.log_metrics({"teacher/val_miou": teacher_miou}, 0)
-        finish(cfg, tracker, out_dir, result, student, teacher)
+        if dist.is_main():
+            finish(cfg, tracker, out_dir, result, student, teacher)
     print(f"\nstudent {cfg.student.encoder_name} ({cfg.loss.name}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
     if teacher_miou is not None:
         print(f"teacher {cfg.teacher.model.encoder_name} val mIoU: {100 * teacher_miou:.2f}")

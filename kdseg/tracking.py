@@ -56,7 +56,10 @@ class Tracker:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Tracker":
-        return cls(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.logger.enabled)
+        """The configured tracker; disabled on DDP ranks > 0 (rank 0 logs for all)."""
+        from kdseg.dist import is_main
+
+        return cls(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.logger.enabled and is_main())
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         """Create the run, log params and tags; returns the run id."""

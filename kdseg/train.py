@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kdseg import dist
 from kdseg.checkpoint import save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from kdseg.metrics import ConfusionMatrix
@@ -82,9 +83,13 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader."""
+    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader.
+
+    A sharded loader (DDP) is evaluated by all ranks together: the matrices are summed.
+    """
     was_training = model.training
     model.eval()
+    dist.sync_buffers(model, loader)
     matrix = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, masks in tqdm(loader, desc="eval", leave=False, disable=not progress):
@@ -93,6 +98,7 @@ def evaluate(
         with autocast:
             logits = model(images)
         matrix.update(logits.argmax(1), masks)
+    dist.reduce_confusion(matrix.mat, loader)
     model.train(was_training)
     return matrix.compute()
 
@@ -137,6 +143,7 @@ class Trainer:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = dist.wrap_model(self.model, self.device, cfg.sync_bn)  # DDP when world size > 1
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.num_classes = num_classes
@@ -145,7 +152,7 @@ class Trainer:
         if cfg.max_iters is not None:
             self.max_iters = min(self.max_iters, cfg.max_iters)
             self.epochs = -(-self.max_iters // len(train_loader))
-        lr = cfg.base_lr * cfg.batch_size / cfg.base_batch
+        lr = cfg.base_lr * cfg.batch_size * dist.world_size() / cfg.base_batch  # linear in the global batch
         self.optimizer = instantiate(cfg.optimizer)(param_groups(self.student, lr, cfg.head_lr_mult), lr=lr)
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer, max_iters=self.max_iters)
         self.out_dir = Path(out_dir)
@@ -161,6 +168,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         for epoch in range(1, self.epochs + 1):
             self.model.train()
+            dist.set_epoch(self.train_loader, epoch)
             t0, seen, steps = time.perf_counter(), 0, 0
             sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not cfg.progress)
@@ -184,6 +192,7 @@ class Trainer:
                 if cfg.progress and self.iteration % 10 == 0:
                     bar.set_postfix({k: f"{v.item():.3g}" for k, v in parts.items()})
             elapsed = time.perf_counter() - t0
+            sums, seen = dist.reduce_epoch(sums, seen)
             metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
             metrics |= {
                 "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -216,7 +225,9 @@ class Trainer:
         }
 
     def save(self, name: str, epoch: int, result: dict[str, Any]) -> Path:
-        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild on its own."""
+        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild on its own (rank 0 only)."""
+        if not dist.is_main():
+            return self.out_dir / name
         return save_checkpoint(
             self.out_dir / name,
             state_dict=self.student.state_dict(),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from kdseg import dist
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.voc import VOCSegmentation
@@ -62,13 +63,23 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = 16
 def build_loaders(
     train_set: Dataset, val_set: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False
 ) -> tuple[DataLoader, DataLoader]:
-    """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader."""
-    if len(train_set) < batch_size:
+    """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader.
+
+    ``batch_size`` is per process. Under DDP each rank loads its part of one seeded
+    permutation of the train split (``kdseg.dist.train_sampler``; the trainer reshuffles
+    it every epoch) and a disjoint shard of the val split; with one process the parts are
+    the whole splits.
+    """
+    world = dist.world_size()
+    if len(train_set) // world < batch_size:
+        where = f" split over {world} processes" if world > 1 else ""
         raise ValueError(
-            f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images)"
+            f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images{where})"
         )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + dist.rank())  # worker seeds differ by rank
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=pad_collate)
-    train = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **common)
-    val = DataLoader(val_set, batch_size=batch_size, shuffle=False, **common)
+    train = DataLoader(
+        train_set, batch_size=batch_size, sampler=dist.train_sampler(train_set, seed), drop_last=True, generator=generator, **common
+    )
+    val = DataLoader(val_set, batch_size=batch_size, sampler=dist.ShardSampler(val_set), **common)
     return train, val
