@@ -110,5 +110,11 @@ class Tracker:
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """Flattened, resolved config without Hydra's own keys."""
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
+    """Flattened, resolved config without Hydra's own keys, and the number of DDP processes.
+
+    ``dist.world_size`` is a param (not a tag) because the global batch depends on it:
+    runs with different world sizes are different settings in a sweep summary.
+    """
+    from kdseg.dist import world_size
+
+    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"dist.world_size": world_size()}

@@ -96,7 +96,9 @@ def test_torchrun_two_processes_match_one(tmp_path, session_dir, make_cfg):
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.data.tags["task"] for r in runs) == ["distill", "teacher"]
     (mrun,) = [r for r in runs if r.data.tags["task"] == "distill"]
+    (trun,) = [r for r in runs if r.data.tags["task"] == "teacher"]
     assert mrun.info.status == "FINISHED"
+    assert mrun.data.params["dist.world_size"] == "2" and trun.data.params["dist.world_size"] == "1"
 
     # both ranks trained the same student; the teacher was fitted on rank 0 only
     by_label: dict[str, list[int]] = {}
