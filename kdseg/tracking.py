@@ -47,12 +47,23 @@ class Tracker:
 
         self.client = MlflowClient(tracking_uri)
         try:
-            experiment = self.client.get_experiment_by_name(experiment_name)
-            self.experiment_id = (
-                experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
-            )
+            self.experiment_id = self._experiment_id(experiment_name)
         except mlflow.exceptions.MlflowException as err:
             raise RuntimeError(f"MLflow tracking store '{tracking_uri}' is not usable: {err}") from err
+
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, creating it if needed; safe when parallel jobs create it at once."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id  # another job created it first
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Tracker":

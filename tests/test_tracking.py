@@ -30,3 +30,19 @@ def test_disabled_tracker_does_nothing():
     with tracker.run("r", {}, {}) as run_id:
         tracker.log_metrics({"a": 1.0}, 0)
     assert run_id is None
+
+
+def test_experiment_created_by_a_parallel_job_is_reused(session_dir, monkeypatch):
+    """Two jobs starting at once both miss the experiment; the one that loses the create reuses it."""
+    uri = f"sqlite:///{session_dir}/mlflow.db"
+    first = Tracker(uri, "race-test")
+    lookup = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def lost_race(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lost_race)
+    assert Tracker(uri, "race-test").experiment_id == first.experiment_id
+    assert len(calls) == 2
