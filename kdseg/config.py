@@ -109,5 +109,6 @@ def validate(cfg: DictConfig) -> None:
     if tr.num_threads is not None:
         _positive_int(cfg, "trainer.num_threads")
     _require(isinstance(tr.resume, str) and tr.resume != "", "trainer.resume", tr.resume, "auto, off, or a checkpoint (or run folder) path")
+    _require(tr.sync_bn in (True, False), "trainer.sync_bn", tr.sync_bn, "true or false")
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.name == "synthetic", "checkpoint", cfg.checkpoint, "a checkpoint path for task=eval on real data")

@@ -17,7 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdseg.checkpoint import load_model, model_config
+from kdseg import dist
+from kdseg.checkpoint import load_checkpoint, load_model, model_config
 from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import VOC_CLASSES
@@ -36,6 +37,7 @@ TEACHER_TRAIN_KEYS = ("teacher_epochs", "max_iters", "batch_size", "base_lr", "b
 def run(cfg: DictConfig) -> float:
     """Validate, reach the tracking store, then run ``cfg.task``; returns the final val mIoU."""
     validate(cfg)
+    dist.setup(cfg)  # joins the process group under torchrun / a multi-task SLURM job; ranks > 0 go quiet
     tracker = Tracker.from_config(cfg)
     task = {"distill": distill, "teacher": train_teacher_task, "eval": eval_task}[cfg.task]
     return task(cfg, tracker)
@@ -57,12 +59,31 @@ def active_terms(cfg: DictConfig) -> dict[str, nn.Module]:
 
 
 def plan_for(cfg: DictConfig) -> Plan:
-    """Where this training run writes, and the checkpoint it resumes from (``trainer.resume``)."""
-    plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg), cfg.paths.cache_dir)
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    (plan.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if plan.resuming:
-        print(f"resuming {plan.out_dir} after epoch {plan.checkpoint['epoch']} ({plan.checkpoint_path.name})", flush=True)
+    """Where this training run writes, and the checkpoint it resumes from (``trainer.resume``).
+
+    Under DDP rank 0 decides and the other ranks follow it (same folder, same checkpoint,
+    which each rank loads itself).
+    """
+    plan, error = None, None
+    if dist.is_main():
+        try:
+            plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg), cfg.paths.cache_dir)
+        except KdsegError as err:
+            error = err
+    if dist.world_size() > 1:
+        shared = dist.broadcast_object(None if plan is None else (plan.out_dir, plan.config, plan.run_uid, plan.checkpoint_path))
+        if error is None and shared is None:
+            raise KdsegError("rank 0 could not plan this run (see its error)")
+        if not dist.is_main():
+            out_dir, config, run_uid, path = shared
+            plan = Plan(out_dir, config, run_uid, load_checkpoint(path) if path else None, path)
+    if error is not None:
+        raise error
+    if dist.is_main():
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        (plan.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if plan.resuming:
+            print(f"resuming {plan.out_dir} after epoch {plan.checkpoint['epoch']} ({plan.checkpoint_path.name})", flush=True)
     return plan
 
 
@@ -109,7 +130,7 @@ def fit(
     seed: int,
 ) -> dict[str, Any]:
     """Build seeded loaders and a Trainer, train (or resume), and log the run's checkpoints."""
-    seed_everything(seed)
+    seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
     device = resolve_device(cfg.trainer.device)
     train_loader, val_loader = build_loaders(
         *datasets, cfg.trainer.batch_size, cfg.trainer.num_workers, seed,
@@ -167,13 +188,14 @@ def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path
         )
     path = teacher_cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
+    with dist.main_first(), FileLock(f"{path}.lock"):  # other ranks wait for rank 0, then find the file
         if not path.exists():
             print(f"no cached teacher at {path}: training one ({cfg.trainer.teacher_epochs} epochs)", flush=True)
             t0 = time.perf_counter()
-            mode = "off" if cfg.trainer.resume == "off" else "auto"
-            plan = plan_run(mode, path.parent / f"{path.stem}-run", {"teacher_cache": path.name})
-            result = train_teacher(cfg, Tracker.from_config(cfg), datasets, plan, None)
+            with dist.single_process():  # rank 0 alone: the cached teacher does not depend on the world size
+                mode = "off" if cfg.trainer.resume == "off" else "auto"
+                plan = plan_run(mode, path.parent / f"{path.stem}-run", {"teacher_cache": path.name})
+                result = train_teacher(cfg, Tracker.from_config(cfg), datasets, plan, None)
             result["last_checkpoint"].replace(path)
             print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
     return load_model(path, expect) + (path,)
@@ -228,7 +250,8 @@ def distill(cfg: DictConfig, tracker: Tracker) -> float:
         if teacher_miou is not None and not plan.resuming:
             tracker.log_metrics({"teacher/val_miou": teacher_miou}, 0)
         result = fit(cfg, tracker, model, datasets, plan, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)
-        finish(cfg, tracker, out_dir, result, student, teacher)
+        if dist.is_main():
+            finish(cfg, tracker, out_dir, result, student, teacher)
     print(f"\nstudent {cfg.student.encoder_name} ({cfg.loss.name}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
     if teacher_miou is not None:
         print(f"teacher {cfg.teacher.model.encoder_name} val mIoU: {100 * teacher_miou:.2f}")

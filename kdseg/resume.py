@@ -132,6 +132,11 @@ class Plan:
     @contextmanager
     def active(self, task: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
         """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, or ``failed`` if the body raises."""
+        from kdseg import dist
+
+        if not dist.is_main():  # DDP: rank 0 holds the lock and writes run.json for all ranks
+            yield
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.out_dir / LOCK_FILE)
         try:

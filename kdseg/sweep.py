@@ -58,9 +58,12 @@ class SweepSummary(Callback):
     """At the end of a multirun, write summary.md / summary.csv and log one MLflow summary run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from kdseg.dist import is_main
         from kdseg.report import extra_columns, load_runs, write_summary
         from kdseg.tracking import Tracker
 
+        if not is_main():  # a sweep run by every rank under torchrun: rank 0 summarises
+            return
         # Hydra unsets its config between jobs; the default tracking URI interpolates
         # ${hydra:runtime.cwd}, so make it resolvable again for the summary.
         HydraConfig.instance().set_config(config)

@@ -87,21 +87,34 @@ class Tracker:
         try:
             with _store_lock(tracking_uri):
                 self.client = MlflowClient(tracking_uri)
-                experiment = self.client.get_experiment_by_name(experiment_name)
-                if experiment is None:
-                    self.client.create_experiment(experiment_name)
-                    experiment = self.client.get_experiment_by_name(experiment_name)
-                self.experiment_id = experiment.experiment_id
+                self.experiment_id = self._experiment_id(experiment_name)
         except Exception as err:  # MlflowException, connection and database errors alike
             raise TrackingError(
                 f"MLflow tracking store '{tracking_uri}' is not reachable ({one_line(err)[:300]}); start it, "
                 "point logger.tracking_uri (or MLFLOW_TRACKING_URI) at a working store, or run with logger=none"
             ) from err
 
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, creating it if needed; safe when parallel jobs create it at once."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id  # another job created it first
+
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Tracker":
+        """The configured tracker; disabled on DDP ranks > 0 (rank 0 logs for all)."""
+        from kdseg.dist import is_main
+
         log = cfg.logger
-        return cls(log.tracking_uri, log.experiment_name, log.enabled, log.get("retries", 3), log.get("retry_wait_s", 2.0))
+        return cls(log.tracking_uri, log.experiment_name, log.enabled and is_main(), log.get("retries", 3), log.get("retry_wait_s", 2.0))
 
     # -------------------------------------------------------------------- calls with retries
 
@@ -282,8 +295,14 @@ class Tracker:
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """Flattened, resolved config without Hydra's own keys."""
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
+    """Flattened, resolved config without Hydra's own keys, and the number of DDP processes.
+
+    ``dist.world_size`` is a param (not a tag) because the global batch depends on it:
+    runs with different world sizes are different settings in a sweep summary.
+    """
+    from kdseg.dist import world_size
+
+    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"dist.world_size": world_size()}
 
 
 def replay(pending_file: str | os.PathLike) -> int:

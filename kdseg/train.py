@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kdseg import dist
 from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from kdseg.errors import ConfigError, NonFiniteLossError
@@ -110,9 +111,11 @@ def evaluate(
     """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader.
 
     The matrix is accumulated on ``device`` and read back once at the end (no per-batch sync).
+    A sharded loader (DDP) is evaluated by all ranks together: the matrices are summed.
     """
     was_training = model.training
     model.eval()
+    dist.sync_buffers(model, loader)
     matrix = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for images, masks in tqdm(loader, desc="eval", leave=False, disable=not progress):
@@ -121,6 +124,7 @@ def evaluate(
         with autocast:
             logits = model(images)
         matrix.update(logits.argmax(1), masks)
+    dist.reduce_confusion(matrix.mat, loader)
     model.train(was_training)
     return matrix.compute()
 
@@ -153,7 +157,8 @@ class NonFiniteGuard:
     def check(self, where: str = "") -> None:
         if not self.kept:
             return
-        if bool(torch.stack([values for _, _, values in self.kept]).isfinite().all()):
+        finite = bool(torch.stack([values for _, _, values in self.kept]).isfinite().all())
+        if dist.all_true(finite):  # under DDP every rank stops together, or none does
             self.kept.clear()
             return
         for iteration, names, values in self.kept:
@@ -161,6 +166,8 @@ class NonFiniteGuard:
             if bad:
                 terms = ", ".join(f"{'loss' if name == 'total' else 'loss_' + name} = {v}" for name, v in bad)
                 raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {terms}; training stopped{where}")
+        last = self.kept[-1][0]
+        raise NonFiniteLossError(f"non-finite loss on another DDP process by iteration {last}; training stopped{where}")
 
 
 class Trainer:
@@ -199,6 +206,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if cfg.compile:
             self.student.compile(mode=cfg.compile_mode)
+        self.model = dist.wrap_model(self.model, self.device, cfg.sync_bn)  # DDP when world size > 1
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.num_classes = num_classes
@@ -207,7 +215,7 @@ class Trainer:
         if cfg.max_iters is not None:
             self.max_iters = min(self.max_iters, cfg.max_iters)
             self.epochs = -(-self.max_iters // len(train_loader))
-        lr = cfg.base_lr * cfg.batch_size / cfg.base_batch
+        lr = cfg.base_lr * cfg.batch_size * dist.world_size() / cfg.base_batch  # linear in the global batch
         self.optimizer = instantiate(cfg.optimizer)(param_groups(self.student, lr, cfg.head_lr_mult), lr=lr)
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer, max_iters=self.max_iters)
         self.out_dir = Path(out_dir)
@@ -240,6 +248,7 @@ class Trainer:
         cfg = self.cfg
         for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
+            dist.set_epoch(self.train_loader, epoch)
             t0, seen, steps, skipped = time.perf_counter(), 0, 0, 0
             sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not cfg.progress)
@@ -259,6 +268,7 @@ class Trainer:
                     bar.set_postfix({k: f"{v.item():.3g}" for k, v in parts.items()})
             self.guard.check(self.stop_note())
             elapsed = time.perf_counter() - t0
+            sums, seen = dist.reduce_epoch(sums, seen)
             metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
             metrics |= {
                 "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -326,7 +336,9 @@ class Trainer:
         return "; no checkpoint was written before it"
 
     def save(self, name: str, epoch: int, keep_previous: bool = False) -> Path:
-        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue."""
+        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue (rank 0 only)."""
+        if not dist.is_main():
+            return self.out_dir / name
         result = self.last_result
         metrics = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"], "epoch": epoch} if result else {}
         return save_checkpoint(

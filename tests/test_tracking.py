@@ -141,3 +141,19 @@ def test_training_survives_an_outage_and_every_metric_arrives(make_cfg, monkeypa
     (mrun,) = client.search_runs([client.get_experiment_by_name("kdseg").experiment_id], "attributes.run_name = 'outage-e2e'")
     assert steps(cfg.logger.tracking_uri, mrun.info.run_id, "train/loss") == [1, 2]
     assert mrun.info.status == "FINISHED"
+
+
+def test_experiment_created_by_a_parallel_job_is_reused(session_dir, monkeypatch):
+    """Two jobs starting at once both miss the experiment; the one that loses the create reuses it."""
+    uri = f"sqlite:///{session_dir}/mlflow.db"
+    first = Tracker(uri, "race-test")
+    lookup = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def lost_race(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lost_race)
+    assert Tracker(uri, "race-test").experiment_id == first.experiment_id
+    assert len(calls) == 2

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from kdseg import dist
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.voc import VOCSegmentation
@@ -83,18 +84,27 @@ def build_loaders(
     unless ``persistent_workers`` (so that a resumed run seeds them exactly as the
     uninterrupted run did); val workers persist. ``pin_memory`` gives page-locked batches
     that copy to a GPU asynchronously.
+
+    ``batch_size`` is per process. Under DDP each rank loads its part of one seeded
+    permutation of the train split (``kdseg.dist.train_sampler``; the trainer reshuffles
+    it every epoch) and a disjoint shard of the val split; with one process the loaders
+    are the plain shuffled / ordered ones.
     """
-    if len(train_set) < batch_size:
+    world = dist.world_size()
+    if len(train_set) // world < batch_size:
+        where = f" split over {world} processes" if world > 1 else ""
         raise ConfigError(
-            f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images)"
+            f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images{where})"
         )
     common = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=pad_collate)
+    sampler = dist.train_sampler(train_set, seed)  # None with one process
     train = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=True, persistent_workers=persistent_workers and num_workers > 0,
-        generator=torch.Generator().manual_seed(seed), **common,
+        train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(seed + dist.rank()), **common,  # worker seeds differ by rank
     )
     val = DataLoader(
-        val_set, batch_size=batch_size, shuffle=False, persistent_workers=num_workers > 0,
+        val_set, batch_size=batch_size, sampler=dist.ShardSampler(val_set), persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed), **common,
     )
     return train, val

@@ -1,0 +1,30 @@
+"""``run.py`` for the torchrun test: the real entry point, plus a dump of each rank's trained student.
+
+After every ``Trainer.fit`` the process writes its student's state dict to
+``$KDSEG_TEST_DUMP/rank<R>-<run folder name>.pt`` so the test can compare the replicas.
+"""
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+import kdseg.train
+from kdseg import dist
+
+ROOT = Path(__file__).resolve().parents[1]
+_fit = kdseg.train.Trainer.fit
+
+
+def fit_and_dump(self):
+    result = _fit(self)
+    out = Path(os.environ["KDSEG_TEST_DUMP"])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(self.student.state_dict(), out / f"rank{dist.rank()}-{self.out_dir.name}.pt")
+    return result
+
+
+kdseg.train.Trainer.fit = fit_and_dump
+sys.argv = [str(ROOT / "run.py"), *sys.argv[1:]]
+runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
