@@ -60,6 +60,18 @@ def _store_lock(tracking_uri: str):
     return FileLock(f"{db}.lock")
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store's file.
+
+    (MLflow's default for database stores is ``./mlruns`` of whatever directory the first
+    job runs in, so checkpoints of a store kept elsewhere would land in that directory.)
+    Other stores (a server, a folder) keep MLflow's default.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` that does nothing when tracking is disabled."""
 
@@ -102,7 +114,7 @@ class Tracker:
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.tracking_uri))
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

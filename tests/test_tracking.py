@@ -157,3 +157,17 @@ def test_experiment_created_by_a_parallel_job_is_reused(session_dir, monkeypatch
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lost_race)
     assert Tracker(uri, "race-test").experiment_id == first.experiment_id
     assert len(calls) == 2
+
+
+def test_sqlite_store_keeps_artifacts_next_to_its_file(session_dir, tmp_path, monkeypatch):
+    """Not in ./mlruns of the working directory (MLflow's default for database stores)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{session_dir}/artifacts-test.db"
+    tracker = Tracker(uri, "artifacts-test")
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    with tracker.run("artifacts", {}, {}) as run_id:
+        tracker.log_artifact(note)
+    uri_root = MlflowClient(uri).get_run(run_id).info.artifact_uri
+    assert uri_root.startswith((session_dir / "mlartifacts").as_uri())
+    assert (session_dir / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
