@@ -241,7 +241,9 @@ class Trainer:
         self.best_miou = ckpt["best_miou"]
         self.history = list(ckpt["history"])
         self.last_result = ckpt["metrics"] or None
-        set_rng_state(ckpt["rng"], self.train_loader.generator)
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        same_world = len(ranks) == dist.world_size()  # else (world size changed) rank 0's states
+        set_rng_state(ranks[dist.rank()] if same_world else ckpt["rng"], self.train_loader.generator)
 
     def fit(self) -> dict[str, Any]:
         """Train for the budget; returns the final and best metrics and the checkpoint paths."""
@@ -336,7 +338,11 @@ class Trainer:
         return "; no checkpoint was written before it"
 
     def save(self, name: str, epoch: int, keep_previous: bool = False) -> Path:
-        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue (rank 0 only)."""
+        """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue (rank 0 only).
+
+        Under DDP it holds every rank's RNG states (``rng_ranks``), so each rank resumes its own streams.
+        """
+        rngs = dist.gather_objects(rng_state(self.train_loader.generator))
         if not dist.is_main():
             return self.out_dir / name
         result = self.last_result
@@ -354,6 +360,7 @@ class Trainer:
             scaler=self.scaler.state_dict(),
             best_miou=self.best_miou,
             history=self.history,
-            rng=rng_state(self.train_loader.generator),
+            rng=rngs[0],
+            rng_ranks=rngs,
             **self.run_info,
         )

@@ -93,7 +93,7 @@ def test_torchrun_two_processes_match_one(tmp_path, session_dir, make_cfg):
 
     # Hydra's folder and everything in it exist once (the ranks agreed on the timestamped path)
     (run_dir,) = (tmp_path / "outputs").glob("*/*")
-    assert {p.name for p in run_dir.iterdir()} == {".hydra", "run.log", "config.yaml", "best.pt", "last.pt", "predictions.png", "per_class_iou.md"}
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "run.log", "config.yaml", "best.pt", "last.pt", "predictions.png", "per_class_iou.md", "run.json", "run.lock"}
     # only rank 0 prints: one epoch line for the teacher (trained by rank 0 alone), one for the student
     assert proc.stdout.count("epoch 1/1") == 2 and proc.stdout.count("outputs: ") == 1, proc.stdout
 
@@ -129,3 +129,53 @@ def test_torchrun_two_processes_match_one(tmp_path, session_dir, make_cfg):
         "task=eval", f"checkpoint={run_dir / 'last.pt'}", "dataset.num_val=7", "logger=none",
     ))
     assert single == miou
+
+
+def _torchrun(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"), *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _epoch_lines(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("epoch ")]
+
+
+@pytest.mark.slow
+def test_torchrun_run_killed_and_relaunched_resumes_bit_identically(tmp_path, session_dir):
+    """SIGKILL a 2-process run after its second epoch; the same command resumes it (every rank
+    restores its own RNG streams) and ends with the uninterrupted run's metrics."""
+    import signal
+    import time
+
+    def args(name: str) -> list[str]:
+        return ["trainer=smoke", "trainer.device=cpu", "loss=none", "trainer.max_iters=null", "trainer.epochs=4",
+                "dataset.num_train=16", "dataset.num_val=8", f"paths.data_dir={session_dir}/data",
+                f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache-{name}",
+                f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path}/{name}"]
+
+    full = _torchrun(args("full"), tmp_path, tmp_path / "full.log")
+    assert full.wait(900) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    first = _torchrun(args("cut"), tmp_path, tmp_path / "cut1.log")
+    deadline = time.time() + 900
+    while not any(line.startswith("epoch 2/4") for line in _epoch_lines(tmp_path / "cut1.log")):
+        assert first.poll() is None and time.time() < deadline, (tmp_path / "cut1.log").read_text()[-3000:]
+        time.sleep(0.2)
+    # the machine dies: torchrun and its workers (which torchrun starts in their own sessions)
+    os.killpg(first.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-f", f"hydra.run.dir={tmp_path}/cut"], check=False)
+    first.wait()
+    time.sleep(1)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] in (1, 2, 3)  # the line prints before its save
+    again = _torchrun(args("cut"), tmp_path, tmp_path / "cut2.log")
+    assert again.wait(900) == 0, (tmp_path / "cut2.log").read_text()[-3000:]
+    assert "resuming" in (tmp_path / "cut2.log").read_text()
+
+    def metrics(line: str) -> str:
+        return line.split("(")[0]  # without the epoch's wall time
+
+    resumed = {metrics(line) for line in _epoch_lines(tmp_path / "cut2.log")}
+    full_lines = [metrics(line) for line in _epoch_lines(tmp_path / "full.log")]
+    assert resumed and resumed <= set(full_lines) and full_lines[-1] in resumed
+    a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("full", "cut"))
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
