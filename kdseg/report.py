@@ -111,7 +111,9 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in runs])
         row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in VOC_CLASSES if any(c in r.iou for r in runs)}
         rows.append(row)
-    rows.sort(key=lambda r: (r["student"], r["pixel_wise"], r["pair_wise"], str(r["varying"])))
+    # as in the paper: the larger student first, then per student none, pa, pi, pi + pa
+    size = {r["student"]: r["params_m"] if math.isfinite(r["params_m"]) else 0.0 for r in rows}
+    rows.sort(key=lambda r: (-size[r["student"]], r["student"], r["pixel_wise"], r["pair_wise"], str(r["varying"])))
     return rows
 
 

@@ -30,28 +30,38 @@ def current_sweep() -> tuple[str, str]:
 def sweep_figure(out: Path, records: list) -> Path | None:
     """The qualitative figure from seed-0-first runs: teacher, baseline (loss none) and pi_pa student.
 
-    Made when the sweep holds both a baseline and a distilled run of the same student
-    (``paper_table`` does); None otherwise.
+    Made for every student of the sweep that has both a baseline and a distilled run
+    (``paper_table`` does), as ``<out stem>_<student>.png``; ``out`` itself shows the largest
+    such student (the paper's ResNet-18). None when no student qualifies.
     """
+    import shutil
+
     from kdseg.figure import qualitative_figure
 
     def first(student: str, loss: str):
         runs = [r for r in records if r.params.get("student.encoder_name") == student and r.params.get("loss.name") == loss]
         return min(runs, key=lambda r: int(r.params.get("seed", 0)), default=None)
 
-    for student in sorted({r.params.get("student.encoder_name") for r in records}):
+    def size(student: str) -> float:
+        return max(float(r.params.get("params/student_m", 0)) for r in records if r.params.get("student.encoder_name") == student)
+
+    made = []
+    for student in sorted({r.params.get("student.encoder_name") for r in records}, key=lambda s: (-size(s), s)):
         base, distilled = first(student, "none"), first(student, "pi_pa")
         if base is None or distilled is None or "teacher_checkpoint" not in distilled.params:
             continue
         p = distilled.params
-        return qualitative_figure(
-            out, p["dataset.root"],
+        made.append(qualitative_figure(
+            out.with_name(f"{out.stem}_{student}{out.suffix}"), p["dataset.root"],
             [(f"teacher {p['teacher.model.encoder_name']}", p["teacher_checkpoint"]),
              (f"student {student}", Path(base.params["paths.output_dir"]) / "best.pt"),
              (f"student {student} + pi + pa", Path(p["paths.output_dir"]) / "best.pt")],
             val_list=p["dataset.val_list"], mask_dir=p["dataset.val_mask_dir"],
-        )
-    return None
+        ))
+    if not made:
+        return None
+    shutil.copyfile(made[0], out)
+    return out
 
 
 class SweepSummary(Callback):

@@ -63,7 +63,7 @@ def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
 def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
-    overrides = {"paper_table": ["student=resnet18", "loss=none,pi_pa", "seed=0"], "seeds": ["seed=0,1"]}[sweep]
+    overrides = {"paper_table": ["student=mobilenet_v2,resnet18", "loss=none,pi_pa", "seed=0"], "seeds": ["seed=0,1"]}[sweep]
     # the seeds sweep keeps the default tracking URI, which interpolates ${hydra:runtime.cwd}
     # (the summary callback runs after Hydra has unset its config)
     uri, sweep_dir = multirun(tmp_path, session_dir, "--config-dir", str(ROOT / "sweeps"), "--config-name", sweep,
@@ -72,7 +72,12 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
     assert len(MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("kdseg").experiment_id], "tags.task = 'summary'")) == 1
     if sweep == "paper_table":
-        assert (sweep_dir / "qualitative.png").is_file()
+        # one figure per student; qualitative.png is the larger student's (ResNet-18, as in the paper)
+        figure = (sweep_dir / "qualitative.png").read_bytes()
+        assert figure == (sweep_dir / "qualitative_resnet18.png").read_bytes()
+        assert (sweep_dir / "qualitative_mobilenet_v2.png").is_file()
         summary = (sweep_dir / "summary.md").read_text().splitlines()
         assert summary[2].startswith("| Teacher resnet101 |")
+        # ResNet-18 (12.3 M) before MobileNet-V2 (4.4 M), although the sweep lists it second
         assert "| Student resnet18 | - | - |" in summary[3] and "| Student resnet18 | ✓ | ✓ |" in summary[4]
+        assert "| Student mobilenet_v2 | - | - |" in summary[5] and "| Student mobilenet_v2 | ✓ | ✓ |" in summary[6]
