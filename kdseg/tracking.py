@@ -10,6 +10,7 @@ through, at the end of the run, when the run is resumed, or by hand with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -93,6 +94,8 @@ class Tracker:
             return
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+            logging.getLogger(name).setLevel(logging.WARNING)
         if tracking_uri.startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)

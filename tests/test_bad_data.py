@@ -199,8 +199,9 @@ def test_first_touch_error_in_a_worker_is_one_line(tmp_path, session_dir, root):
            f"hydra.run.dir={tmp_path}/run"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 1
-    (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert line.startswith(f"error: image '{bad}' is truncated or corrupt")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: image '{bad}' is truncated or corrupt")
     debug = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800, env={**os.environ, "KDSEG_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
