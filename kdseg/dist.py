@@ -99,7 +99,7 @@ def rank() -> int:
     return tdist.get_rank()
 
 
-_rank = rank
+_rank = rank  # for code whose own argument is named ``rank``
 
 
 def local_rank() -> int:
@@ -125,10 +125,18 @@ def single_process() -> Iterator[None]:
         _alone = previous
 
 
+def _collective_device() -> torch.device:
+    """Where collectives' tensors live: NCCL needs this rank's GPU, gloo the CPU."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if world_size() > 1:
-        if tdist.get_backend() == "nccl":
-            tdist.barrier(device_ids=[torch.cuda.current_device()])
+        device = _collective_device()
+        if device.type == "cuda":
+            tdist.barrier(device_ids=[device.index])
         else:
             tdist.barrier()
 
@@ -147,8 +155,7 @@ def all_true(flag: bool) -> bool:
     """``flag`` of every rank AND-ed (one all-reduce under DDP; ``flag`` itself with one process)."""
     if world_size() == 1:
         return flag
-    device = torch.device('cuda', torch.cuda.current_device()) if tdist.get_backend() == 'nccl' else 'cpu'
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)], device=_collective_device())
     tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
     return bool(value.item())
 

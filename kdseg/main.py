@@ -70,10 +70,10 @@ def plan_for(cfg: DictConfig) -> Plan:
             plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg), cfg.paths.cache_dir)
         except KdsegError as err:
             error = err
-    if dist.world_size() > 1:
-        shared = dist.broadcast_object(None if plan is None else (plan.out_dir, plan.config, plan.run_uid, plan.checkpoint_path))
-        if error is None and shared is None:
-            raise KdsegError("rank 0 could not plan this run (see its error)")
+    if dist.world_size() > 1:  # rank 0's plan, or its error message
+        shared = dist.broadcast_object(str(error) if plan is None else (plan.out_dir, plan.config, plan.run_uid, plan.checkpoint_path))
+        if error is None and isinstance(shared, str):
+            raise KdsegError(f"rank 0 could not plan this run: {shared}")
         if not dist.is_main():
             out_dir, config, run_uid, path = shared
             plan = Plan(out_dir, config, run_uid, load_checkpoint(path) if path else None, path)

@@ -112,9 +112,19 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
         row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in VOC_CLASSES if any(c in r.iou for r in runs)}
         rows.append(row)
     # as in the paper: the larger student first, then per student none, pa, pi, pi + pa
-    size = {r["student"]: r["params_m"] if math.isfinite(r["params_m"]) else 0.0 for r in rows}
-    rows.sort(key=lambda r: (-size[r["student"]], r["student"], r["pixel_wise"], r["pair_wise"], str(r["varying"])))
+    order = student_order(records)
+    rows.sort(key=lambda r: (order.index(r["student"]), r["pixel_wise"], r["pair_wise"], str(r["varying"])))
     return rows
+
+
+def student_order(records: Sequence[RunRecord]) -> list[str]:
+    """The students of ``records``, the larger (parameter count) first, ties by name."""
+    size: dict[str, float] = {}
+    for record in records:
+        student = record.params.get("student.encoder_name", "?")
+        params_m = float(record.params.get("params/student_m", "nan"))
+        size[student] = max(size.get(student, 0.0), params_m if math.isfinite(params_m) else 0.0)
+    return sorted(size, key=lambda s: (-size[s], s))
 
 
 def teacher_row(records: Sequence[RunRecord]) -> dict | None:

@@ -78,14 +78,22 @@ def update_run(out_dir: Path, **fields: Any) -> None:
     _write_json(out_dir / RUN_FILE, (read_run(out_dir) or {}) | fields)
 
 
-def in_use(out_dir: Path) -> bool:
-    """Whether a live process holds the folder's run lock (a killed one releases it)."""
-    if not (out_dir / LOCK_FILE).exists():
-        return False
+def _try_lock(out_dir: Path) -> FileLock | None:
+    """The folder's run lock, acquired without waiting; None while a live process holds it."""
     lock = FileLock(out_dir / LOCK_FILE)
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        return None
+    return lock
+
+
+def in_use(out_dir: Path) -> bool:
+    """Whether a live process holds the folder's run lock (a killed one releases it)."""
+    if not (out_dir / LOCK_FILE).exists():
+        return False
+    lock = _try_lock(out_dir)
+    if lock is None:
         return True
     lock.release()
     return False
@@ -138,11 +146,9 @@ class Plan:
             yield
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.out_dir / LOCK_FILE)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise ResumeError(f"'{self.out_dir}' is in use by another running kdseg process") from None
+        lock = _try_lock(self.out_dir)
+        if lock is None:
+            raise ResumeError(f"'{self.out_dir}' is in use by another running kdseg process")
         try:
             self.start(task, cache_dir)
             try:

@@ -37,16 +37,14 @@ def sweep_figure(out: Path, records: list) -> Path | None:
     import shutil
 
     from kdseg.figure import qualitative_figure
+    from kdseg.report import student_order
 
     def first(student: str, loss: str):
         runs = [r for r in records if r.params.get("student.encoder_name") == student and r.params.get("loss.name") == loss]
         return min(runs, key=lambda r: int(r.params.get("seed", 0)), default=None)
 
-    def size(student: str) -> float:
-        return max(float(r.params.get("params/student_m", 0)) for r in records if r.params.get("student.encoder_name") == student)
-
     made = []
-    for student in sorted({r.params.get("student.encoder_name") for r in records}, key=lambda s: (-size(s), s)):
+    for student in student_order(records):
         base, distilled = first(student, "none"), first(student, "pi_pa")
         if base is None or distilled is None or "teacher_checkpoint" not in distilled.params:
             continue
