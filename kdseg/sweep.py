@@ -53,7 +53,7 @@ def sweep_figure(out: Path, records: list) -> Path | None:
             out.with_name(f"{out.stem}_{student}{out.suffix}"), p["dataset.root"],
             [(f"teacher {p['teacher.model.encoder_name']}", p["teacher_checkpoint"]),
              (f"student {student}", Path(base.params["paths.output_dir"]) / "best.pt"),
-             (f"student {student} + pi + pa", Path(p["paths.output_dir"]) / "best.pt")],
+             (f"student {student}\n+ pi + pa", Path(p["paths.output_dir"]) / "best.pt")],
             val_list=p["dataset.val_list"], mask_dir=p["dataset.val_mask_dir"],
         ))
     if not made:
