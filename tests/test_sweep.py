@@ -81,3 +81,26 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
         # ResNet-18 (12.3 M) before MobileNet-V2 (4.4 M), although the sweep lists it second
         assert "| Student resnet18 | - | - |" in summary[3] and "| Student resnet18 | ✓ | ✓ |" in summary[4]
         assert "| Student mobilenet_v2 | - | - |" in summary[5] and "| Student mobilenet_v2 | ✓ | ✓ |" in summary[6]
+
+
+def test_summary_rows_larger_student_first_then_none_pa_pi_pi_pa():
+    from kdseg.report import RunRecord, student_order, summarize
+
+    def record(student: str, size: str, pi: str, pa: str, seed: int, miou: float) -> RunRecord:
+        params = {"student.encoder_name": student, "params/student_m": size, "loss.pi_lambda": pi,
+                  "loss.pa_lambda": pa, "loss.name": f"{pi}-{pa}", "seed": str(seed)}
+        return RunRecord(f"{student}{pi}{pa}{seed}", params, {}, miou, miou, 0.5)
+
+    records = [
+        record(s, size, pi, pa, seed, 0.1 * seed)
+        for s, size in (("small", "4.4"), ("big", "12.3"), ("alpha", "nan"), ("beta", "nan"))
+        for pi, pa in (("100", "1"), ("0", "0"), ("100", "0"), ("0", "1"))
+        for seed in (0, 1)
+    ]
+    # parameter count decides (a missing count counts as 0), then the name
+    assert student_order(records) == ["big", "small", "alpha", "beta"]
+    rows = summarize(records)
+    assert [(r["student"], r["pixel_wise"], r["pair_wise"]) for r in rows[:4]] == [
+        ("big", False, False), ("big", False, True), ("big", True, False), ("big", True, True)]
+    assert [r["student"] for r in rows[4::4]] == ["small", "alpha", "beta"]
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["final_miou_mean"] == pytest.approx(0.05)
