@@ -1,11 +1,33 @@
-"""Distillation losses (METHOD.md): pure functions of tensors plus thin weighted modules."""
+"""Distillation losses: the term protocol (:mod:`kdseg.losses.base`) and one module per method,
+each a pure function of tensors plus a thin :class:`~kdseg.losses.base.Term`."""
+from kdseg.losses.at import ATLoss, at_loss
+from kdseg.losses.base import LOGITS, Term
+from kdseg.losses.cwd import CWDLoss, cwd_loss
+from kdseg.losses.dist import DISTLoss, dist_loss
+from kdseg.losses.fitnet import FitNetLoss, fitnet_loss
+from kdseg.losses.ifvd import IFVDLoss, ifvd_loss
+from kdseg.losses.kd import KDLoss, kd_loss
 from kdseg.losses.pairwise import PairwiseLoss, pairwise_kernel, pairwise_loss, pairwise_nodes
 from kdseg.losses.pixelwise import PixelwiseLoss, attention_map, pixelwise_loss
 
 __all__ = [
+    "LOGITS",
+    "ATLoss",
+    "CWDLoss",
+    "DISTLoss",
+    "FitNetLoss",
+    "IFVDLoss",
+    "KDLoss",
     "PairwiseLoss",
     "PixelwiseLoss",
+    "Term",
+    "at_loss",
     "attention_map",
+    "cwd_loss",
+    "dist_loss",
+    "fitnet_loss",
+    "ifvd_loss",
+    "kd_loss",
     "pairwise_kernel",
     "pairwise_loss",
     "pairwise_nodes",

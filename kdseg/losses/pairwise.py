@@ -5,6 +5,10 @@ into a coarse grid of nodes, L2-normalise each node's channel vector with the
 norm held constant in back-propagation (as the reference does), build the
 N x N cosine-similarity matrix per image and compare teacher and student with
 a squared error summed over node pairs, divided by N^2 and by the batch size.
+
+The pooling kernel is a fraction ``scale`` of the map (the paper's and SKD's original
+form), or, with ``kernel=k``, an absolute k x k window (CIRKD's SKD reimplementation uses
+``k = 2``).
 """
 from __future__ import annotations
 
@@ -12,21 +16,38 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from kdseg.errors import ConfigError
+from kdseg.losses.base import Term
 
 NORM_EPS = 1e-8
 
 
 def _check_scale(scale: float) -> None:
     if not 0.0 < scale <= 1.0:
-        raise ValueError(f"pair-wise loss: pa_scale must be in (0, 1], got {scale}")
+        raise ConfigError(f"pair-wise loss: pa_scale must be in (0, 1], got {scale}")
 
 
-def pairwise_kernel(h: int, w: int, scale: float = 0.5) -> tuple[int, int]:
-    """Max-pool kernel (= stride) ``(floor(h * scale), floor(w * scale))`` for an ``h x w`` map.
+def _check_kernel(kernel: int | None) -> None:
+    if kernel is not None and (isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1):
+        raise ConfigError(f"pair-wise loss: kernel must be null (use scale) or an integer >= 1, got {kernel!r}")
 
-    Raises a ValueError instead of letting PyTorch fail on a zero-sized kernel.
+
+def pairwise_kernel(h: int, w: int, scale: float = 0.5, kernel: int | None = None) -> tuple[int, int]:
+    """Max-pool kernel (= stride) for an ``h x w`` map: ``(floor(h * scale), floor(w * scale))``,
+    or ``(kernel, kernel)`` when an absolute kernel is given.
+
+    Raises a ValueError instead of letting PyTorch fail on a zero-sized or oversized kernel.
     """
+    _check_kernel(kernel)
+    if kernel is not None:
+        if kernel > min(h, w):
+            raise ValueError(
+                f"pair-wise loss: feature map {h}x{w} is smaller than the pooling kernel={kernel}; "
+                "use a larger crop or a smaller kernel"
+            )
+        return kernel, kernel
     _check_scale(scale)
     kh, kw = math.floor(h * scale), math.floor(w * scale)
     if kh < 1 or kw < 1:
@@ -37,14 +58,14 @@ def pairwise_kernel(h: int, w: int, scale: float = 0.5) -> tuple[int, int]:
     return kh, kw
 
 
-def pairwise_nodes(h: int, w: int, scale: float = 0.5) -> tuple[int, int]:
+def pairwise_nodes(h: int, w: int, scale: float = 0.5, kernel: int | None = None) -> tuple[int, int]:
     """Grid of nodes ``(h', w')`` that pooling an ``h x w`` map gives, N = h' * w'.
 
     With kernel = stride = k, no padding and ``ceil_mode=True``, PyTorch's output
     size is ``ceil(h / k)`` (its rule that the last window must start inside the
     input never drops a window here): 33x33 -> 3x3, 32x32 and 16x16 -> 2x2.
     """
-    kh, kw = pairwise_kernel(h, w, scale)
+    kh, kw = pairwise_kernel(h, w, scale, kernel)
     return -(-h // kh), -(-w // kw)
 
 
@@ -55,7 +76,9 @@ def _similarity(feat: Tensor) -> Tensor:
     return nodes.transpose(1, 2) @ nodes
 
 
-def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5, detach_teacher: bool = True) -> Tensor:
+def pairwise_loss(
+    feat_s: Tensor, feat_t: Tensor, scale: float = 0.5, detach_teacher: bool = True, kernel: int | None = None
+) -> Tensor:
     """Unweighted pair-wise loss between student and teacher maps (B x C x H x W).
 
     Channel counts may differ (only the N x N matrices are compared); batch and
@@ -73,7 +96,7 @@ def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5, detach_tea
             f"B, H and W; got student {tuple(feat_s.shape)} and teacher {tuple(feat_t.shape)}"
         )
     b, _, h, w = feat_t.shape
-    kernel = pairwise_kernel(h, w, scale)
+    kernel = pairwise_kernel(h, w, scale, kernel)
     dtype = torch.promote_types(torch.promote_types(feat_s.dtype, feat_t.dtype), torch.float32)
     with torch.autocast(device_type=feat_s.device.type, enabled=False):
         feat_t = feat_t.detach() if detach_teacher else feat_t
@@ -83,22 +106,23 @@ def pairwise_loss(feat_s: Tensor, feat_t: Tensor, scale: float = 0.5, detach_tea
         return (_similarity(pooled_t) - _similarity(pooled_s)).pow(2).sum() / n**2 / b
 
 
-class PairwiseLoss(nn.Module):
-    """``weight * pairwise_loss``; ``tap`` names the module whose output both networks give it."""
+class PairwiseLoss(Term):
+    """``weight * pairwise_loss`` on the maps both networks give at ``tap`` (the paper's pa, weight ``pa_lambda``)."""
 
     name = "pa"
 
-    def __init__(self, weight: float, tap: str = "decoder.aspp.0.project.1", scale: float = 0.5) -> None:
-        super().__init__()
-        if not weight >= 0:
-            raise ValueError(f"pair-wise loss: weight (pa_lambda) must be >= 0, got {weight}")
+    def __init__(
+        self, weight: float, tap: str = "decoder.aspp.0.project.1", scale: float = 0.5, kernel: int | None = None
+    ) -> None:
+        super().__init__(weight, tap)
         _check_scale(scale)
-        self.weight = float(weight)
-        self.tap = tap
+        _check_kernel(kernel)
         self.scale = float(scale)
+        self.kernel = kernel
 
-    def forward(self, feat_s: Tensor, feat_t: Tensor, detach_teacher: bool = True) -> Tensor:
-        return self.weight * pairwise_loss(feat_s, feat_t, self.scale, detach_teacher)
+    def loss(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None = None) -> Tensor:
+        return pairwise_loss(feat_s, feat_t, self.scale, detach_teacher=False, kernel=self.kernel)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, tap={self.tap!r}, scale={self.scale}"
+        pooling = f"kernel={self.kernel}" if self.kernel is not None else f"scale={self.scale}"
+        return f"{super().extra_repr()}, {pooling}"

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from kdseg.errors import ConfigError
+from kdseg.losses.base import Term
 
 NORMALIZE_MODES = ("height", "spatial")
 NORM_EPS = 1e-12
@@ -19,7 +22,7 @@ NORM_EPS = 1e-12
 
 def _check_normalize(normalize: str) -> None:
     if normalize not in NORMALIZE_MODES:
-        raise ValueError(
+        raise ConfigError(
             f"pixel-wise loss: unknown normalize={normalize!r}; valid: {', '.join(NORMALIZE_MODES)}"
         )
 
@@ -66,22 +69,18 @@ def pixelwise_loss(feat_s: Tensor, feat_t: Tensor, normalize: str = "height", de
         return (att_t - att_s).pow(2).mean()
 
 
-class PixelwiseLoss(nn.Module):
-    """``weight * pixelwise_loss``; ``tap`` names the module whose output both networks give it."""
+class PixelwiseLoss(Term):
+    """``weight * pixelwise_loss`` on the maps both networks give at ``tap`` (the paper's pi, weight ``pi_lambda``)."""
 
     name = "pi"
 
     def __init__(self, weight: float, tap: str = "decoder.block2.1", normalize: str = "height") -> None:
-        super().__init__()
-        if not weight >= 0:
-            raise ValueError(f"pixel-wise loss: weight (pi_lambda) must be >= 0, got {weight}")
+        super().__init__(weight, tap)
         _check_normalize(normalize)
-        self.weight = float(weight)
-        self.tap = tap
         self.normalize = normalize
 
-    def forward(self, feat_s: Tensor, feat_t: Tensor, detach_teacher: bool = True) -> Tensor:
-        return self.weight * pixelwise_loss(feat_s, feat_t, self.normalize, detach_teacher)
+    def loss(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None = None) -> Tensor:
+        return pixelwise_loss(feat_s, feat_t, self.normalize, detach_teacher=False)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, tap={self.tap!r}, normalize={self.normalize!r}"
+        return f"{super().extra_repr()}, normalize={self.normalize!r}"
