@@ -1,6 +1,10 @@
 """kdseg entry point: ``python run.py [group=option ...] [key=value ...]`` (see README)."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+from kdseg.cli import expand_loss_sums
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -13,4 +17,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = expand_loss_sums(sys.argv)  # loss=kd+cwd -> loss=[kd,cwd]
     main()

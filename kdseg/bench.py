@@ -50,8 +50,8 @@ from torch.utils.data import DataLoader
 from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import IGNORE_INDEX
-from kdseg.distill import Distiller
-from kdseg.main import active_terms
+from kdseg.distill import Distiller, build_terms
+from kdseg.memory import MIB, current_memory, peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.train import Trainer, amp_policy, auto_flag, configure_backends, evaluate, resolve_device, seed_everything
 
@@ -68,7 +68,6 @@ LABELS = {
 MEMORY_STEPS = 3
 MEMORY_TAG = "KDSEG_MEMORY "
 DEFAULT_THREADS = torch.get_num_threads()
-MIB = 2**20
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -140,11 +139,12 @@ def build_trainer(cfg: DictConfig, mode: str, device: torch.device, loaders: tup
     if mode == "student":
         model = Distiller(student)
     else:
-        teacher, terms = instantiate(cfg.teacher.model), active_terms(cfg)
+        teacher, terms = instantiate(cfg.teacher.model), build_terms(cfg.loss.terms)
+        size = cfg.dataset.crop_size
         if mode == "distill":
-            model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad)
+            model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad, input_size=size)
         else:
-            model = Distiller(student, teacher, terms, teacher_bn_mode="train", teacher_grad=True)
+            model = Distiller(student, teacher, terms, teacher_bn_mode="train", teacher_grad=True, input_size=size)
     trainer = Trainer(
         model, *loaders, cfg=cfg.trainer, epochs=cfg.trainer.epochs, num_classes=cfg.dataset.num_classes,
         out_dir=cfg.paths.output_dir, model_config={}, device=device,
@@ -254,37 +254,6 @@ def ratios(t: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- memory (subprocesses)
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_memory(device: torch.device) -> float:
-    """MiB in use now: CUDA allocated, or the resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / MIB
-    rss = _proc_status_kib("VmRSS")
-    return rss / 1024 if rss is not None else float("nan")
-
-
-def peak_memory(device: torch.device) -> float:
-    """MiB at the peak: CUDA max allocated, or the peak resident set size of this process image."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    hwm = _proc_status_kib("VmHWM")
-    if hwm is not None:
-        return hwm / 1024
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
-
 
 def memory_child(args: argparse.Namespace) -> None:
     """Subprocess entry: a few steps of one training mode, then its memory as one tagged JSON line."""

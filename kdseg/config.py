@@ -82,14 +82,12 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.loss[key]
         _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, f"loss.{key}", value, "a number >= 0")
     for name, term in cfg.loss.terms.items():
-        _require(isinstance(term.weight, (int, float)) and term.weight >= 0, f"loss.terms.{name}.weight", term.weight, "a number >= 0")
-        _require(isinstance(term.get("tap"), str) and term.tap, f"loss.terms.{name}.tap", term.get("tap"), "a module path")
-    pa = cfg.loss.terms.get("pa")
-    if pa is not None and pa.weight > 0:
-        nodes = ds.crop_size // cfg.student.output_stride * pa.get("scale", 0.5)
-        _require(nodes >= 1, "dataset.crop_size", ds.crop_size,
-                 f"a crop whose encoder map ({ds.crop_size // cfg.student.output_stride} px) is large enough to pool "
-                 f"with loss.terms.pa.scale={pa.get('scale', 0.5)}")
+        _require(isinstance(term, DictConfig) and "_target_" in term, f"loss.terms.{name}", term,
+                 "a term node with _target_ (a kdseg.losses Term), weight and tap")
+        weight = term.get("weight")
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                 f"loss.terms.{name}.weight", weight, "a number >= 0")
+        _require(isinstance(term.get("tap"), str) and term.tap, f"loss.terms.{name}.tap", term.get("tap"), "a module path or logits")
     _require(cfg.teacher.bn_mode in ("eval", "train"), "teacher.bn_mode", cfg.teacher.bn_mode, "eval or train")
     _require(isinstance(cfg.teacher.grad, bool), "teacher.grad", cfg.teacher.grad, "true or false")
     tr = cfg.trainer

@@ -1,8 +1,9 @@
 """Distiller: a frozen teacher, a student, feature taps and the weighted loss terms.
 
-``L = L_ce + sum_k term_k(student_tap_k, teacher_tap_k)`` where each term already carries
-its weight (METHOD.md). Terms with weight 0 are dropped; with none left, no teacher is
-needed and none is run.
+``L = L_ce + sum_k term_k(student input_k, teacher input_k, masks)`` where each term already
+carries its weight (METHOD.md) and declares what it reads (:mod:`kdseg.losses.base`): the
+output of a module path (captured by forward hooks) or the logits. Terms come from the
+config's ``loss.terms`` (those with weight > 0); with none, no teacher is needed and none is run.
 """
 from __future__ import annotations
 
@@ -11,10 +12,46 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
 
 from kdseg.data.classes import IGNORE_INDEX
+from kdseg.errors import ConfigError, one_line
+from kdseg.losses.base import Term
 from kdseg.models import FeatureTaps
+
+NO_TERMS = "none"
+"""The label of a run with cross-entropy only."""
+
+
+def build_terms(terms: DictConfig) -> dict[str, Term]:
+    """The terms of ``loss.terms`` with a weight > 0, instantiated, in config order.
+
+    A bad value in a term's node (a wrong type, an unknown argument, a target that is not a
+    :class:`~kdseg.losses.base.Term`) is a :class:`ConfigError` naming ``loss.terms.<name>``.
+    """
+    built = {}
+    for name, node in terms.items():
+        if not node.weight > 0:
+            continue
+        try:
+            term = instantiate(node)
+        except InstantiationException as err:
+            raise ConfigError(f"config loss.terms.{name}: {one_line(err.__cause__ or err)}") from None
+        if not isinstance(term, Term):
+            raise ConfigError(
+                f"config loss.terms.{name}._target_={node.get('_target_')!r}: expected a subclass of "
+                f"kdseg.losses.base.Term, got {type(term).__name__}"
+            )
+        built[name] = term
+    return built
+
+
+def term_label(names: list[str] | tuple[str, ...] | Mapping) -> str:
+    """``pi+pa`` for the terms ``pi`` and ``pa`` (in config order); ``none`` for cross-entropy only."""
+    return "+".join(names) or NO_TERMS
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -33,16 +70,22 @@ class Distiller(nn.Module):
     ``teacher_bn_mode='train'`` (batch statistics, running statistics drift) and
     ``teacher_grad=True`` (the teacher's autograd graph is kept and the loss is back-propagated
     through it and into its weights, which no optimiser steps: a full extra backward pass).
+
+    At construction one probe pass of both networks on an ``input_size`` image (eval mode, no
+    gradients, no random draws) gives every term the shapes it reads, so terms with learned
+    parts build them (:meth:`Term.setup`), and a term that cannot be computed at that size
+    (a pooling kernel larger than the map, say) is a :class:`ConfigError` before training.
     """
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module | None = None,
-        terms: Mapping[str, nn.Module] | None = None,
+        terms: Mapping[str, Term] | None = None,
         ignore_index: int = IGNORE_INDEX,
         teacher_bn_mode: str = "eval",
         teacher_grad: bool = False,
+        input_size: int | tuple[int, int] = 64,
     ) -> None:
         super().__init__()
         if teacher_bn_mode not in ("eval", "train"):
@@ -58,9 +101,37 @@ class Distiller(nn.Module):
         self.teacher = freeze(teacher) if active else None
         if self.teacher is not None and teacher_grad:
             self.teacher.requires_grad_(True)
-        taps = [term.tap for term in active.values()]
+        taps = [term.tap for term in active.values() if not term.reads_logits]
         self.student_taps = FeatureTaps(student, taps) if active else None
         self.teacher_taps = FeatureTaps(self.teacher, taps) if active else None
+        if active:
+            self._setup_terms(input_size)
+
+    def _setup_terms(self, input_size: int | tuple[int, int]) -> None:
+        """The probe pass: each term's ``setup`` with the shapes it reads, then one evaluation of it."""
+        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+        device = next(self.student.parameters()).device
+        images = torch.zeros(1, 3, h, w, device=device)
+        masks = torch.zeros(1, h, w, dtype=torch.long, device=device)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                logits_s, logits_t = self.student(images), self.teacher(images)
+                for name, term in self.terms.items():
+                    feat_s, feat_t = self._inputs(term, logits_s, logits_t)
+                    term.setup(tuple(feat_s.shape), tuple(feat_t.shape))
+                    term.to(device)
+                    try:
+                        term(feat_s, feat_t, masks)
+                    except (ValueError, RuntimeError) as err:
+                        raise ConfigError(
+                            f"loss.terms.{name} cannot be computed for {h}x{w} inputs (dataset.crop_size): {one_line(err)}"
+                        ) from None
+        finally:
+            self.student.train(was_training)
+            self.student_taps.clear()
+            self.teacher_taps.clear()
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -68,21 +139,25 @@ class Distiller(nn.Module):
             self.teacher.train(mode and self.teacher_bn_mode == "train")
         return self
 
-    def run_teacher(self, images: torch.Tensor) -> None:
-        """One teacher pass that fills ``teacher_taps`` (inference mode unless ``teacher_grad``)."""
+    def run_teacher(self, images: torch.Tensor) -> torch.Tensor:
+        """One teacher pass that fills ``teacher_taps``; returns its logits (inference mode unless ``teacher_grad``)."""
         with nullcontext() if self.teacher_grad else torch.inference_mode():
-            self.teacher(images)
+            return self.teacher(images)
+
+    def _inputs(self, term: Term, logits_s: torch.Tensor, logits_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``term`` reads from the student and the teacher."""
+        if term.reads_logits:
+            return logits_s, logits_t
+        return self.student_taps[term.tap], self.teacher_taps[term.tap]
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         logits = self.student(images)
         losses = {"ce": F.cross_entropy(logits, masks, ignore_index=self.ignore_index)}
         if self.teacher is not None:
-            self.run_teacher(images)
+            logits_t = self.run_teacher(images)
             for name, term in self.terms.items():
-                if self.teacher_grad:
-                    losses[name] = term(self.student_taps[term.tap], self.teacher_taps[term.tap], detach_teacher=False)
-                else:
-                    losses[name] = term(self.student_taps[term.tap], self.teacher_taps[term.tap])
+                feat_s, feat_t = self._inputs(term, logits, logits_t)
+                losses[name] = term(feat_s, feat_t, masks, detach_teacher=not self.teacher_grad)
             self.student_taps.clear()
             self.teacher_taps.clear()
         total = sum(losses.values())

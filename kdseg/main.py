@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdseg import dist
-from kdseg.checkpoint import load_checkpoint, load_model, model_config
+from kdseg.checkpoint import check_model, load_checkpoint, load_model, load_weights, model_config
 from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import VOC_CLASSES
-from kdseg.distill import Distiller
+from kdseg.distill import Distiller, build_terms, term_label
 from kdseg.errors import ConfigError, KdsegError
-from kdseg.models import count_params, resolve_module
+from kdseg.models import count_params
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
@@ -51,11 +51,6 @@ def build(node: DictConfig) -> Any:
         if isinstance(err.__cause__, KdsegError):
             raise err.__cause__ from None
         raise
-
-
-def active_terms(cfg: DictConfig) -> dict[str, nn.Module]:
-    """The loss terms with a weight > 0, instantiated."""
-    return {name: build(term) for name, term in cfg.loss.terms.items() if term.weight > 0}
 
 
 def plan_for(cfg: DictConfig) -> Plan:
@@ -93,7 +88,7 @@ def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
         "task": task,
         "student": student or "-",
         "teacher": cfg.teacher.model.encoder_name,
-        "loss": cfg.loss.name if task == "distill" else "ce",
+        "loss": term_label([n for n, t in cfg.loss.terms.items() if t.weight > 0]) if task == "distill" else "ce",
         "dataset": cfg.dataset.name,
         "seed": str(cfg.seed),
         "sweep_id": sweep_id,
@@ -173,19 +168,30 @@ def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan
     return result
 
 
-def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path]:
-    """The configured teacher checkpoint, or the cached one (trained once under a file lock).
+def get_teacher(cfg: DictConfig, datasets: tuple, teacher: nn.Module) -> tuple[dict, Path]:
+    """Load the configured teacher checkpoint, or the cached one (trained once under a file lock),
+    into ``teacher`` (a model of the configured architecture); returns the checkpoint and its path.
 
     A cached teacher whose training was interrupted is resumed (unless ``trainer.resume=off``).
     """
     expect = {key: cfg.teacher.model[key] for key in ("encoder_name", "output_stride")} | {"classes": cfg.dataset.num_classes}
     if cfg.teacher.checkpoint is not None:
-        return load_model(cfg.teacher.checkpoint, expect) + (Path(cfg.teacher.checkpoint),)
-    if cfg.dataset.name != "synthetic":
+        path = Path(cfg.teacher.checkpoint)
+    elif cfg.dataset.name != "synthetic":
         raise ConfigError(
             f"teacher.checkpoint is null and dataset={cfg.dataset.name}: train a teacher first "
             "(python run.py task=teacher dataset=...) and pass teacher.checkpoint=PATH"
         )
+    else:
+        path = cached_teacher(cfg, datasets)
+    ckpt = load_checkpoint(path)
+    check_model(path, ckpt, expect)
+    load_weights(path, teacher, ckpt)
+    return ckpt, path
+
+
+def cached_teacher(cfg: DictConfig, datasets: tuple) -> Path:
+    """The built-in dataset's cached teacher checkpoint, trained first if it is missing."""
     path = teacher_cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with dist.main_first(), FileLock(f"{path}.lock"):  # other ranks wait for rank 0, then find the file
@@ -198,16 +204,7 @@ def get_teacher(cfg: DictConfig, datasets: tuple) -> tuple[nn.Module, dict, Path
                 result = train_teacher(cfg, Tracker.from_config(cfg), datasets, plan, None)
             result["last_checkpoint"].replace(path)
             print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
-    return load_model(path, expect) + (path,)
-
-
-def check_taps(model: nn.Module, terms: dict[str, nn.Module], role: str) -> None:
-    """Every tap path exists in ``model`` (clear error with close matches otherwise)."""
-    for term in terms.values():
-        try:
-            resolve_module(model, term.tap)
-        except ConfigError as err:
-            raise ConfigError(f"{role}: {err}") from None
+    return path
 
 
 def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) -> None:
@@ -227,18 +224,21 @@ def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) 
 
 def distill(cfg: DictConfig, tracker: Tracker) -> float:
     """Train the student with CE + the active distillation terms against a frozen teacher."""
-    terms = active_terms(cfg)
+    terms = build_terms(cfg.loss.terms)
+    label = term_label(terms)
     seed_everything(cfg.seed)
     student = build(cfg.student)
-    check_taps(student, terms, "student")
-    if terms:
-        check_taps(build(cfg.teacher.model), terms, "teacher")
+    teacher = build(cfg.teacher.model) if terms else None  # its weights are loaded below
+    # taps exist, every term computes at the crop size, adapters are built: before any data or teacher work
+    model = Distiller(
+        student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad,
+        input_size=cfg.dataset.crop_size,
+    )
     plan = plan_for(cfg)
     datasets = build_datasets(cfg.dataset)
-    teacher, teacher_ckpt, teacher_path = get_teacher(cfg, datasets) if terms else (None, None, None)
-    model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad)
-    name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{cfg.loss.name}-seed{cfg.seed}"
-    params = run_params(cfg) | {"params/student_m": count_params(student) / 1e6}
+    teacher_ckpt, teacher_path = get_teacher(cfg, datasets, teacher) if terms else (None, None)
+    name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{label}-seed{cfg.seed}"
+    params = run_params(cfg) | {"params/student_m": count_params(student) / 1e6, "loss.term_order": ",".join(cfg.loss.terms)}
     if teacher is not None:
         params["params/teacher_m"] = count_params(teacher) / 1e6
         params["teacher_checkpoint"] = str(teacher_path)
@@ -251,8 +251,8 @@ def distill(cfg: DictConfig, tracker: Tracker) -> float:
             tracker.log_metrics({"teacher/val_miou": teacher_miou}, 0)
         result = fit(cfg, tracker, model, datasets, plan, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)
         if dist.is_main():
-            finish(cfg, tracker, out_dir, result, student, teacher)
-    print(f"\nstudent {cfg.student.encoder_name} ({cfg.loss.name}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
+            finish(cfg, tracker, out_dir, result, student, teacher, label)
+    print(f"\nstudent {cfg.student.encoder_name} ({label}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
     if teacher_miou is not None:
         print(f"teacher {cfg.teacher.model.encoder_name} val mIoU: {100 * teacher_miou:.2f}")
     print(f"outputs: {out_dir}")
@@ -261,7 +261,9 @@ def distill(cfg: DictConfig, tracker: Tracker) -> float:
     return result["final_miou"]
 
 
-def finish(cfg: DictConfig, tracker: Tracker, out_dir: Path, result: dict, student: nn.Module, teacher: nn.Module | None) -> None:
+def finish(
+    cfg: DictConfig, tracker: Tracker, out_dir: Path, result: dict, student: nn.Module, teacher: nn.Module | None, label: str
+) -> None:
     """Write and log the per-class IoU table, the prediction grid and the resolved config."""
     last = result["history"][-1]
     lines = ["| class | IoU (%) |", "|---|---|"]
@@ -276,7 +278,7 @@ def finish(cfg: DictConfig, tracker: Tracker, out_dir: Path, result: dict, stude
         if teacher is not None:
             rows.append((f"teacher {cfg.teacher.model.encoder_name}", teacher.eval()(images.to(device)).argmax(1).cpu()))
         student.eval()
-        rows.append((f"student {cfg.student.encoder_name} ({cfg.loss.name})", student(images.to(device)).argmax(1).cpu()))
+        rows.append((f"student {cfg.student.encoder_name} ({label})", student(images.to(device)).argmax(1).cpu()))
     save_prediction_grid(out_dir / "predictions.png", images, rows)
     for name in ("per_class_iou.md", "predictions.png", "config.yaml"):
         tracker.log_artifact(out_dir / name)

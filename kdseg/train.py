@@ -24,7 +24,8 @@ from tqdm import tqdm
 from kdseg import dist
 from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
-from kdseg.errors import ConfigError, NonFiniteLossError
+from kdseg.errors import CheckpointError, ConfigError, NonFiniteLossError
+from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.resume import rng_state, set_rng_state
 
@@ -92,11 +93,19 @@ def configure_backends(cfg: Any, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = not cfg.deterministic if benchmark == "auto" else bool(benchmark)
 
 
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
-    """Encoder at ``lr``; everything else (ASPP, decoder, head) at ``head_lr_mult * lr``."""
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float, extra: nn.Module | None = None) -> list[dict]:
+    """Encoder at ``lr``; everything else (ASPP, decoder, head) at ``head_lr_mult * lr``.
+
+    ``extra`` (the loss terms' learned parts, e.g. FitNet's adapter) trains at the head's rate,
+    as a third group when it has parameters.
+    """
     encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
     head = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
-    return [{"params": encoder, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+    groups = [{"params": encoder, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+    learned = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
+    if learned:
+        groups.append({"params": learned, "lr": lr * head_lr_mult})
+    return groups
 
 
 @torch.inference_mode()
@@ -198,6 +207,7 @@ class Trainer:
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.student = model.student
+        self.terms: nn.Module | None = getattr(model, "terms", None)  # learned parts of loss terms (adapters)
         configure_backends(cfg, self.device)
         self.amp_dtype, use_scaler = amp_policy(cfg.amp, self.device)
         channels_last = auto_flag(cfg.channels_last, self.device)
@@ -216,7 +226,7 @@ class Trainer:
             self.max_iters = min(self.max_iters, cfg.max_iters)
             self.epochs = -(-self.max_iters // len(train_loader))
         lr = cfg.base_lr * cfg.batch_size * dist.world_size() / cfg.base_batch  # linear in the global batch
-        self.optimizer = instantiate(cfg.optimizer)(param_groups(self.student, lr, cfg.head_lr_mult), lr=lr)
+        self.optimizer = instantiate(cfg.optimizer)(param_groups(self.student, lr, cfg.head_lr_mult, self.terms), lr=lr)
         self.scheduler = instantiate(cfg.scheduler)(self.optimizer, max_iters=self.max_iters)
         self.out_dir = Path(out_dir)
         self.model_config = model_config
@@ -233,6 +243,13 @@ class Trainer:
         """Continue from a checkpoint written by :meth:`save`: the run goes on as if never stopped."""
         check_model(path, ckpt, {k: self.model_config[k] for k in ("encoder_name", "classes", "output_stride")})
         load_weights(path, self.student, ckpt)
+        if self.terms is not None:
+            try:
+                self.terms.load_state_dict(ckpt.get("terms", {}))
+            except RuntimeError as err:
+                raise CheckpointError(
+                    f"checkpoint '{path}' does not hold the learned parts of this run's loss terms: {str(err).splitlines()[0]}"
+                ) from err
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -248,6 +265,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train for the budget; returns the final and best metrics and the checkpoint paths."""
         cfg = self.cfg
+        reset_peak_memory(self.device)  # memory/peak_mib: this run's peak (CUDA allocated or resident set)
         for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
             dist.set_epoch(self.train_loader, epoch)
@@ -291,6 +309,7 @@ class Trainer:
                     f"val mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}  ({elapsed:.0f}s)",
                     flush=True,
                 )
+            metrics["memory/peak_mib"] = peak_memory(self.device)
             self.history.append(metrics)
             if improved:
                 self.save("best.pt", epoch)
@@ -351,6 +370,7 @@ class Trainer:
             self.out_dir / name,
             keep_previous=keep_previous,
             state_dict=self.student.state_dict(),
+            terms=self.terms.state_dict() if self.terms is not None else {},
             model=self.model_config,
             metrics=metrics,
             epoch=epoch,

@@ -1,6 +1,7 @@
 """Every option of every config group composes and instantiates; validation catches bad values."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from kdseg.config import ConfigError, validate
-from kdseg.main import active_terms
+from kdseg.distill import build_terms
 from kdseg.train import PolyLR
 
 from .conftest import CONF_DIR, ROOT
@@ -21,7 +22,7 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_have_the_documented_options():
-    assert {"none", "pi", "pa", "pi_pa"} <= set(options("loss"))
+    assert {"none", "pi", "pa", "pi_pa", "kd", "cwd", "at", "fitnet", "dist", "ifvd"} <= set(options("loss"))
     assert {"resnet18", "mobilenet_v2"} <= set(options("student"))
     assert "resnet101" in options("teacher")
     assert {"synthetic", "voc", "voc_aug"} <= set(options("dataset"))
@@ -52,21 +53,68 @@ def test_default_teacher_starts_residual_blocks_as_identity(make_cfg):
     assert len(blocks) == 33 and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
 
 
+BASELINES = {"kd": 1, "cwd": 3, "at": 10000, "fitnet": 1, "dist": 1, "ifvd": 200}
+"""Each baseline's option switches on its own term at its reference weight."""
+
+
 @pytest.mark.parametrize("option", options("loss"))
 def test_loss_options_instantiate(make_cfg, option):
     cfg = make_cfg(f"loss={option}")
     validate(cfg)
     terms = {name: instantiate(term) for name, term in cfg.loss.terms.items()}
     assert terms["pi"].weight == cfg.loss.pi_lambda and terms["pa"].weight == cfg.loss.pa_lambda
-    expected = {"none": set(), "pi": {"pi"}, "pa": {"pa"}, "pi_pa": {"pi", "pa"}}[option]
-    assert set(active_terms(cfg)) == expected
+    expected = {"none": {}, "pi": {"pi": 100}, "pa": {"pa": 1}, "pi_pa": {"pi": 100, "pa": 1}}.get(option)
+    expected = expected if expected is not None else {option: BASELINES[option]}
+    assert {name: term.weight for name, term in build_terms(cfg.loss.terms).items()} == expected
 
 
 @pytest.mark.parametrize("option", ["none", "pi", "pa", "pi_pa"])
 def test_pi_lambda_override_works_from_every_loss(make_cfg, option):
     cfg = make_cfg(f"loss={option}", "loss.pi_lambda=100")
     assert cfg.loss.terms.pi.weight == 100
-    assert "pi" in active_terms(cfg)
+    assert "pi" in build_terms(cfg.loss.terms)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss=[kd,cwd]"], {"kd": 1, "cwd": 3}),
+        (["loss=pi_pa", "loss.terms.kd.weight=1"], {"pi": 100, "pa": 1, "kd": 1}),
+        (["loss=[pi_pa,dist]", "loss.terms.dist.weight=2"], {"pi": 100, "pa": 1, "dist": 2}),
+    ],
+)
+def test_loss_combinations_compose(make_cfg, overrides, expected):
+    terms = build_terms(make_cfg(*overrides).loss.terms)
+    assert {name: term.weight for name, term in terms.items()} == expected
+
+
+def test_loss_sum_on_the_command_line_is_a_list_of_options():
+    from kdseg.cli import expand_loss_sums
+
+    argv = ["run.py", "loss=kd+cwd", "-m", "loss=none,kd+cwd", "loss=[kd,at]", "trainer.x=a+b", "loss=kd"]
+    assert expand_loss_sums(argv) == ["run.py", "loss=[kd,cwd]", "-m", "loss=[none],[kd,cwd]", "loss=[kd,at]", "trainer.x=a+b", "loss=kd"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "loss=kd+cwd", "--cfg", "job"], capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    weights = re.findall(r"^    (\w+):\n(?:      .*\n)*?      weight: (\S+)$", out, flags=re.M)
+    assert dict(weights) | {"pi": "0", "pa": "0"} == {"pi": "0", "pa": "0", "kd": "1", "cwd": "3", "at": "0", "fitnet": "0", "dist": "0", "ifvd": "0"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.terms.kd.temperature=0", r"config loss\.terms\.kd: temperature=0: expected a number > 0"),
+        ("+loss.terms.kd.temprature=2", r"config loss\.terms\.kd: .*unexpected keyword argument 'temprature'"),
+        ("loss.terms.kd._target_=kdseg.losses.kd.nope", r"config loss\.terms\.kd: .*kdseg\.losses\.kd\.nope"),
+        ("loss.terms.kd._target_=torch.nn.Identity", r"config loss\.terms\.kd\._target_='torch\.nn\.Identity': expected a subclass"),
+    ],
+)
+def test_bad_term_value_is_one_config_error_line(make_cfg, override, message):
+    cfg = make_cfg("loss=kd", override)
+    validate(cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        build_terms(cfg.loss.terms)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("option", options("trainer"))
@@ -90,7 +138,7 @@ def test_other_groups_compose(make_cfg, group):
 def test_experiment_paper_selects_voc_and_recipe(make_cfg):
     cfg = make_cfg("experiment=paper", smoke=False)
     validate(cfg)
-    assert cfg.dataset.name == "voc" and cfg.loss.name == "pi_pa"
+    assert cfg.dataset.name == "voc" and set(build_terms(cfg.loss.terms)) == {"pi", "pa"}
     assert cfg.trainer.batch_size == 6 and cfg.dataset.crop_size == 512
 
 
@@ -119,7 +167,6 @@ def test_cfg_job_prints_resolved_pi_lambda():
         ("dataset.on_bad_sample=ignore", "dataset.on_bad_sample"),
         ("trainer.resume=''", "trainer.resume"),
         ("loss.terms.pi.weight=-5", "loss.terms.pi.weight"),
-        ("dataset.crop_size=16", "dataset.crop_size"),
     ],
 )
 def test_validation_names_the_bad_key(make_cfg, override, key):
@@ -136,10 +183,19 @@ def test_unknown_encoder_lists_close_and_valid_names(make_cfg, key):
     assert "Valid smp encoders: " in str(err.value) and "mobilenet_v2" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_term_that_cannot_be_computed_at_the_crop_is_a_config_error_before_any_work(make_cfg, tmp_path):
+    """A 16 px crop gives a 1x1 encoder map: pa's kernel floor(0.5) = 0; found by the probe pass."""
+    from kdseg.main import run
+
+    with pytest.raises(ConfigError, match=r"loss\.terms\.pa cannot be computed for 16x16 inputs \(dataset\.crop_size\): .*1x1 is too small"):
+        run(make_cfg("dataset.crop_size=16"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_tap_is_a_config_error_with_close_matches(make_cfg, tmp_path):
     from kdseg.main import run
 
-    with pytest.raises(ConfigError, match=r"student: tap module path 'decoder.block3.1' not found .*close matches: decoder.block2.1"):
+    with pytest.raises(ConfigError, match=r"tap module path 'decoder.block3.1' not found in DeepLabV3Plus.*close matches: decoder.block2.1"):
         run(make_cfg("loss.terms.pi.tap=decoder.block3.1"))
     assert not (tmp_path / "out" / "run.json").exists()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdseg.distill import Distiller, freeze
-from kdseg.losses import PairwiseLoss, PixelwiseLoss, pairwise_loss, pixelwise_loss
+from kdseg.losses import FitNetLoss, KDLoss, PairwiseLoss, PixelwiseLoss, Term, kd_loss, pairwise_loss, pixelwise_loss
 from kdseg.models import build_model
 
 PA_TAP = "decoder.aspp.0.project.1"
@@ -241,3 +241,72 @@ def test_teacher_grad_changes_gradients_not_loss_values():
     for name in ("ce", "pi", "pa"):
         torch.testing.assert_close(results[True][0][name], results[False][0][name])
     torch.testing.assert_close(results[True][1], results[False][1])  # the student's own gradient is the same
+
+
+# ----------------------------------------------------------------------------- the term protocol
+
+
+class Recorder(Term):
+    """A term that keeps what the Distiller handed it, and returns a constant loss."""
+
+    def __init__(self, weight: float, tap: str) -> None:
+        super().__init__(weight, tap)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def loss(self, feat_s, feat_t, masks):
+        self.seen.append((feat_s, feat_t, masks))
+        return feat_s.sum() * 0 + 1.0
+
+
+def test_terms_read_logits_or_taps_and_get_the_masks():
+    teacher, student = _model("resnet18", 0), _model("resnet18", 1)
+    logits_term, tap_term = Recorder(2.0, "logits"), Recorder(3.0, PI_TAP)
+    distiller = Distiller(student, teacher, {"a": logits_term, "b": tap_term}, input_size=32).train()
+    # the probe pass at construction handed each term the shapes it reads, at the input size
+    assert logits_term.seen[0][0].shape == (1, 21, 32, 32) and tap_term.seen[0][0].shape == (1, 256, 8, 8)
+    logits_term.seen.clear(), tap_term.seen.clear()
+    images, masks = _batch(7)
+    total, parts, logits = distiller(images, masks)
+    assert parts["a"].item() == 2.0 and parts["b"].item() == 3.0
+    (s, t, m), (fs, ft, fm) = logits_term.seen[0], tap_term.seen[0]
+    assert s is logits and m is masks and fm is masks
+    with torch.no_grad():
+        torch.testing.assert_close(t, teacher.eval()(images))
+    assert fs.shape == ft.shape == (2, 256, 16, 16) and ft.is_inference()
+
+
+def test_kd_in_the_distiller_is_kd_of_the_two_networks_logits():
+    teacher, student = _model("resnet18", 0), _model("resnet18", 1)
+    distiller = Distiller(student, teacher, {"kd": KDLoss(1.0, temperature=2.0)}).eval()
+    images, masks = _batch(8)
+    with torch.no_grad():
+        _, parts, _ = distiller(images, masks)
+        expected = kd_loss(student(images), teacher(images), 2.0, valid=masks != 255)
+    torch.testing.assert_close(parts["kd"], expected)
+
+
+def test_term_that_cannot_run_at_the_input_size_is_a_config_error():
+    from kdseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss\.terms\.pa cannot be computed for 16x16 inputs .*too small"):
+        Distiller(_model("resnet18", 1), _model("resnet18", 0), {"pa": PairwiseLoss(1.0)}, input_size=16)
+
+
+def test_fitnet_adapter_is_built_from_the_probe_and_trained_with_the_student():
+    from kdseg.train import param_groups
+
+    teacher, student = _model("resnet50", 0), _model("resnet18", 1)
+    term = FitNetLoss(1.0, tap="encoder.layer4")
+    distiller = Distiller(student, teacher, {"fitnet": term}).train()
+    conv = term.adapter[0]
+    assert (conv.in_channels, conv.out_channels) == (512, 2048)
+    groups = param_groups(student, 0.01, 10.0, distiller.terms)
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(0.1)
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in distiller.terms.parameters()}
+    assert not any(n.startswith("adapter") for n, _ in student.named_parameters())
+    before = conv.weight.clone()
+    opt = torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.1)
+    total, parts, _ = distiller(*_batch(9))
+    total.backward()
+    opt.step()
+    assert parts["fitnet"] > 0 and not torch.equal(conv.weight, before)

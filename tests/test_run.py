@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from kdseg.checkpoint import load_checkpoint
+from kdseg.errors import CheckpointError
 from kdseg.main import run, teacher_cache_path
 
 
@@ -30,7 +32,7 @@ def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
     assert math.isclose(ckpt["metrics"]["miou"], miou)
     client, mrun = mlflow_run(cfg, "e2e-distill")
     assert mrun.data.params["loss.pi_lambda"] == "100"
-    assert mrun.data.tags["task"] == "distill" and mrun.data.tags["loss"] == "pi_pa"
+    assert mrun.data.tags["task"] == "distill" and mrun.data.tags["loss"] == "pi+pa"
     assert math.isclose(mrun.data.metrics["val/miou"], miou)
     for key in ("train/loss_ce", "train/loss_pi", "train/loss_pa", "train/lr", "val/pixel_acc", "time/epoch_s", "throughput/img_s", "teacher/val_miou"):
         assert key in mrun.data.metrics, key
@@ -89,3 +91,55 @@ def test_teacher_and_eval_tasks(make_cfg, tmp_path):
 def test_real_data_without_teacher_checkpoint_is_a_clear_error(make_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset.root"):
         run(make_cfg("dataset=voc", f"dataset.root={tmp_path}/nowhere", "trainer=smoke", smoke=False))
+
+
+BASELINES = ("kd", "cwd", "at", "fitnet", "dist", "ifvd")
+
+
+def test_every_baseline_together_trains_and_logs_its_term(make_cfg):
+    """One smoke run with all six baselines at once (loss=[kd,cwd,...]): each term is logged."""
+    cfg = make_cfg(f"loss=[{','.join(BASELINES)}]", "logger.run_name=e2e-zoo")
+    assert 0.0 <= run(cfg) <= 1.0
+    _, mrun = mlflow_run(cfg, "e2e-zoo")
+    assert mrun.data.tags["loss"] == "+".join(BASELINES)
+    for name in BASELINES:
+        assert math.isfinite(mrun.data.metrics[f"train/loss_{name}"]), name
+    assert "train/loss_pi" not in mrun.data.metrics and mrun.data.params["loss.term_order"].startswith("pi,pa,kd")
+    assert mrun.data.metrics["memory/peak_mib"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", BASELINES)
+def test_each_baseline_runs_a_smoke_job(make_cfg, method):
+    cfg = make_cfg(f"loss={method}", f"logger.run_name=e2e-{method}")
+    run(cfg)
+    _, mrun = mlflow_run(cfg, f"e2e-{method}")
+    assert mrun.data.tags["loss"] == method and f"train/loss_{method}" in mrun.data.metrics
+
+
+def test_fitnet_adapter_is_saved_with_the_student_but_not_in_it(make_cfg, tmp_path):
+    """Channels differ at encoder.layer4 (ResNet-18: 512, ResNet-101: 2048): the adapter is trained,
+    kept in the checkpoint's ``terms`` and restored on resume; the student's weights stay the student's."""
+    from kdseg.checkpoint import load_model
+
+    overrides = ("loss=fitnet", "loss.terms.fitnet.tap=encoder.layer4")
+    run(make_cfg(*overrides))
+    ckpt = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert ckpt["terms"]["fitnet.adapter.0.weight"].shape == (2048, 512, 1, 1)
+    assert "fitnet.adapter.1.running_mean" in ckpt["terms"]
+    assert not any("adapter" in key for key in ckpt["state_dict"])
+    student, _ = load_model(tmp_path / "out" / "last.pt")
+    assert set(student.state_dict()) == set(ckpt["state_dict"])
+    # resuming from it restores the adapter (a missing one is a clear error)
+    from kdseg.distill import Distiller, build_terms
+    from kdseg.train import Trainer
+
+    cfg = make_cfg(*overrides)
+    model = Distiller(student, load_model(teacher_cache_path(cfg))[0], build_terms(cfg.loss.terms))
+    loader = torch.utils.data.DataLoader(range(4), batch_size=2, generator=torch.Generator())
+    trainer = Trainer(model, loader, loader, cfg=cfg.trainer, epochs=1, num_classes=21, out_dir=tmp_path / "x",
+                      model_config=ckpt["model"])
+    trainer.restore(ckpt, "last.pt")
+    torch.testing.assert_close(model.terms.state_dict()["fitnet.adapter.0.weight"], ckpt["terms"]["fitnet.adapter.0.weight"])
+    with pytest.raises(CheckpointError, match="does not hold the learned parts of this run's loss terms"):
+        trainer.restore(ckpt | {"terms": {}}, "old.pt")
