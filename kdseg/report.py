@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ from kdseg.data.classes import VOC_CLASSES
 
 NOT_SETTING = ("seed", "logger.run_name", "sweep_id")
 NOT_SETTING_PREFIXES = ("paths.", "hydra.")
+TERM_WEIGHT = re.compile(r"^loss\.terms\.([^.]+)\.weight$")
+"""Flattened param of a term's weight: ``loss.terms.<name>.weight``."""
+WEIGHT_KEYS = ("loss.pi_lambda", "loss.pa_lambda")
+"""The paper's two weights (each one's term's weight interpolates it)."""
 
 
 @dataclass
@@ -35,6 +40,10 @@ class RunRecord:
     pixel_acc: float
     iou: dict[str, float] = field(default_factory=dict)
     teacher_miou: float | None = None
+    epoch_s: float = math.nan
+    peak_mib: float = math.nan
+    start_ms: int | None = None
+    end_ms: int | None = None
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
@@ -45,9 +54,30 @@ class RunRecord:
             )
         )
 
+    @property
+    def terms(self) -> list[str]:
+        """The run's active distillation terms (weight > 0), in its config's order."""
+        return active_terms(self.params)
+
+
+def active_terms(params: dict[str, str]) -> list[str]:
+    """Names of the terms whose ``loss.terms.<name>.weight`` is > 0, in ``loss.term_order``."""
+    active = [m.group(1) for k, v in params.items() if (m := TERM_WEIGHT.match(k)) and _number(v) > 0]
+    order = params.get("loss.term_order", "").split(",")
+    return sorted(active, key=lambda name: (order.index(name) if name in order else len(order), name))
+
+
+def _number(value: str | None) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value); NaN for both if a value is missing."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -70,6 +100,7 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
             unfinished.append(run.info.run_id)
             continue
         history = [m.value for m in client.get_metric_history(run.info.run_id, "val/miou")]
+        epoch_times = [m.value for m in client.get_metric_history(run.info.run_id, "time/epoch_s")]
         metrics = run.data.metrics
         records.append(
             RunRecord(
@@ -81,6 +112,10 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
                 pixel_acc=metrics["val/pixel_acc"],
                 iou={c: metrics[f"val/iou/{c}"] for c in VOC_CLASSES if f"val/iou/{c}" in metrics},
                 teacher_miou=metrics.get("teacher/val_miou"),
+                epoch_s=statistics.fmean(epoch_times) if epoch_times else math.nan,
+                peak_mib=metrics.get("memory/peak_mib", math.nan),
+                start_ms=run.info.start_time,
+                end_ms=run.info.end_time,
             )
         )
     if sweep_id and not records and not unfinished:
@@ -89,7 +124,9 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
 
 
 def summarize(records: Sequence[RunRecord]) -> list[dict]:
-    """One row per setting: seeds, mean/std of final and best mIoU and pixel accuracy (fractions)."""
+    """One row per setting: seeds, mean/std of final and best mIoU and pixel accuracy (fractions),
+    cost (seconds per epoch, peak memory), and the gain over the same student's baseline
+    (no distillation term, same other settings), paired by seed."""
     groups: dict[tuple, list[RunRecord]] = {}
     for record in records:
         groups.setdefault(record.setting, []).append(record)
@@ -97,24 +134,57 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
     rows = []
     for setting, runs in groups.items():
         params = dict(setting)
+        terms = runs[0].terms
         row = {
             "student": params.get("student.encoder_name", "?"),
-            "loss": params.get("loss.name", "?"),
-            "pixel_wise": float(params.get("loss.pi_lambda", 0)) > 0,
-            "pair_wise": float(params.get("loss.pa_lambda", 0)) > 0,
+            "loss": "+".join(terms) or "none",
+            "terms": terms,
             "seeds": sorted(int(r.params.get("seed", -1)) for r in runs),
-            "params_m": float(params.get("params/student_m", "nan")),
+            "params_m": _number(params.get("params/student_m")),
             "varying": {k: params.get(k, "") for k in varying},
             "run_ids": [r.run_id for r in runs],
+            "by_seed": {int(r.params.get("seed", -1)): r.final_miou for r in runs},
         }
-        for name in ("final_miou", "best_miou", "pixel_acc"):
+        for name in ("final_miou", "best_miou", "pixel_acc", "epoch_s", "peak_mib"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in runs])
         row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in VOC_CLASSES if any(c in r.iou for r in runs)}
         rows.append(row)
-    # as in the paper: the larger student first, then per student none, pa, pi, pi + pa
+    columns = term_columns(records)
+    for row in rows:
+        row["term_columns"] = columns  # the table's check-mark columns, the same for every row
+    _add_paired_gains(rows)
+    # as in the paper: the larger student first, then per student none, pi, pa, pi + pa (fewer terms first,
+    # then in the order the terms are configured)
     order = student_order(records)
-    rows.sort(key=lambda r: (order.index(r["student"]), r["pixel_wise"], r["pair_wise"], str(r["varying"])))
+    rows.sort(key=lambda r: (order.index(r["student"]), len(r["terms"]), [columns.index(t) for t in r["terms"]], str(r["varying"])))
     return rows
+
+
+def _add_paired_gains(rows: list[dict]) -> None:
+    """``gain_mean`` / ``gain_std`` / ``gain_n``: final mIoU minus the baseline's, over the seeds both ran.
+
+    The baseline of a row is the row of the same student with no active term whose other
+    settings (everything but the loss) are the same.
+    """
+    def context(row: dict) -> tuple:
+        return row["student"], tuple((k, v) for k, v in row["varying"].items() if not k.startswith("loss."))
+
+    baselines = {context(r): r for r in rows if not r["terms"]}
+    for row in rows:
+        base = baselines.get(context(row))
+        seeds = sorted(set(row["by_seed"]) & set(base["by_seed"])) if base is not None and row["terms"] else []
+        diffs = [row["by_seed"][s] - base["by_seed"][s] for s in seeds]
+        row["gain_n"] = len(diffs)
+        row["gain_mean"], row["gain_std"] = mean_std(diffs) if diffs else (math.nan, math.nan)
+
+
+def term_columns(records: Sequence[RunRecord]) -> list[str]:
+    """The terms active in any run, in the configured order (``loss.term_order``), one column each."""
+    names: list[str] = []
+    for record in sorted(records, key=lambda r: -len(r.terms)):
+        names += [t for t in record.terms if t not in names]
+    order = next((r.params["loss.term_order"].split(",") for r in records if "loss.term_order" in r.params), [])
+    return sorted(names, key=lambda name: (order.index(name) if name in order else len(order), name))
 
 
 def student_order(records: Sequence[RunRecord]) -> list[str]:
@@ -122,7 +192,7 @@ def student_order(records: Sequence[RunRecord]) -> list[str]:
     size: dict[str, float] = {}
     for record in records:
         student = record.params.get("student.encoder_name", "?")
-        params_m = float(record.params.get("params/student_m", "nan"))
+        params_m = _number(record.params.get("params/student_m"))
         size[student] = max(size.get(student, 0.0), params_m if math.isfinite(params_m) else 0.0)
     return sorted(size, key=lambda s: (-size[s], s))
 
@@ -139,16 +209,19 @@ def teacher_row(records: Sequence[RunRecord]) -> dict | None:
         "miou_mean": statistics.fmean(values),
         "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),
-        "params_m": float(params.get("params/teacher_m", "nan")),
+        "params_m": _number(params.get("params/teacher_m")),
     }
 
 
 def _shown(key: str, rows: Sequence[dict]) -> bool:
-    """Whether a varying setting needs its own column (model and check marks already say the rest)."""
-    if key in ("loss.name", "teacher_checkpoint") or key.startswith(("student.", "params/", "loss.terms.")):
+    """Whether a varying setting needs its own column (model and check marks already say the rest).
+
+    A term's weight is shown only when the runs use more than one non-zero value of it.
+    """
+    if key in ("teacher_checkpoint", "loss.term_order") or key.startswith(("student.", "params/")):
         return False
-    if key in ("loss.pi_lambda", "loss.pa_lambda"):
-        return len({r["varying"][key] for r in rows if float(r["varying"][key] or 0) > 0}) > 1
+    if key in WEIGHT_KEYS or TERM_WEIGHT.match(key):
+        return len({r["varying"][key] for r in rows if _number(r["varying"][key]) > 0}) > 1
     return True
 
 
@@ -161,28 +234,56 @@ def _pct(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def to_markdown(rows: Sequence[dict], teacher: dict | None = None, unfinished: Sequence[str] = ()) -> str:
-    """The paper-style table: teacher row, then per student the loss rows with check marks."""
+def _gain(row: dict) -> str:
+    if not row["gain_n"]:
+        return ""
+    return f"{100 * row['gain_mean']:+.2f} ± {100 * row['gain_std']:.2f} ({row['gain_n']})"
+
+
+def _cost(mean: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" if math.isfinite(mean) else "-"
+
+
+def wall_time(records: Sequence[RunRecord]) -> float | None:
+    """Seconds from the first run's start to the last run's end (None if a time is missing)."""
+    if not records or any(r.start_ms is None or r.end_ms is None for r in records):
+        return None
+    return (max(r.end_ms for r in records) - min(r.start_ms for r in records)) / 1000
+
+
+def to_markdown(
+    rows: Sequence[dict], teacher: dict | None = None, unfinished: Sequence[str] = (), wall_s: float | None = None
+) -> str:
+    """The paper-style table: teacher row, then per student a row per loss setting, a check mark per
+    active term, the paired gain over the baseline and the cost; ``wall_s`` adds the runs' wall time."""
     varying = extra_columns(rows)
-    head = ["model", "pixel-wise", "pair-wise", *varying, "seeds", "mIoU final (%)", "mIoU best (%)", "pixel acc (%)", "params (M)"]
+    columns = rows[0]["term_columns"] if rows else []
+    head = ["model", *columns, *varying, "seeds", "mIoU final (%)", "mIoU best (%)", "Δ vs none, paired (pts)",
+            "pixel acc (%)", "s / epoch", "peak mem (MiB)", "params (M)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if teacher:
-        cells = [f"Teacher {teacher['name']}", "", "", *[""] * len(varying), str(teacher["n"]), f"{100 * teacher['miou_mean']:.2f}", "", "", f"{teacher['params_m']:.1f}"]
+        cells = [f"Teacher {teacher['name']}", *[""] * (len(columns) + len(varying)), str(teacher["n"]),
+                 f"{100 * teacher['miou_mean']:.2f}", "", "", "", "", "", f"{teacher['params_m']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
         cells = [
             f"Student {row['student']}",
-            "✓" if row["pixel_wise"] else "-",
-            "✓" if row["pair_wise"] else "-",
+            *["✓" if name in row["terms"] else "-" for name in columns],
             *[str(row["varying"].get(k, "")) for k in varying],
             str(len(row["seeds"])),
             _pct(row["final_miou_mean"], row["final_miou_std"]),
             _pct(row["best_miou_mean"], row["best_miou_std"]),
+            _gain(row),
             _pct(row["pixel_acc_mean"], row["pixel_acc_std"]),
+            _cost(row["epoch_s_mean"], 1),
+            _cost(row["peak_mib_mean"], 0),
             f"{row['params_m']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    if wall_s is not None:
+        runs = sum(len(r["seeds"]) for r in rows)
+        text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first start to last end; a teacher trained for them is not included)\n"
     if unfinished:
         text += f"\n{len(unfinished)} run(s) not finished or without val/miou, left out: {', '.join(unfinished)}\n"
     return text
@@ -191,13 +292,14 @@ def to_markdown(rows: Sequence[dict], teacher: dict | None = None, unfinished: S
 def to_csv(rows: Sequence[dict]) -> str:
     """Machine-readable summary (fractions, not percent)."""
     out = io.StringIO()
-    fields = ["student", "loss", "pixel_wise", "pair_wise", "varying", "n_seeds", "seeds", "final_miou_mean", "final_miou_std",
-              "best_miou_mean", "best_miou_std", "pixel_acc_mean", "pixel_acc_std", "params_m", "run_ids"]
+    fields = ["student", "loss", "terms", "varying", "n_seeds", "seeds", "final_miou_mean", "final_miou_std",
+              "best_miou_mean", "best_miou_std", "gain_mean", "gain_std", "gain_n", "pixel_acc_mean", "pixel_acc_std",
+              "epoch_s_mean", "epoch_s_std", "peak_mib_mean", "peak_mib_std", "params_m", "run_ids"]
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k) for k in fields} | {
-            "n_seeds": len(row["seeds"]), "seeds": " ".join(map(str, row["seeds"])),
+            "terms": " ".join(row["terms"]), "n_seeds": len(row["seeds"]), "seeds": " ".join(map(str, row["seeds"])),
             "varying": " ".join(f"{k}={v}" for k, v in row["varying"].items()), "run_ids": " ".join(row["run_ids"]),
         })
     return out.getvalue()
@@ -219,7 +321,7 @@ def write_summary(out_dir: str | Path, records: Sequence[RunRecord], unfinished:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     md = out_dir / "summary.md"
-    md.write_text(to_markdown(rows, teacher_row(records), unfinished))
+    md.write_text(to_markdown(rows, teacher_row(records), unfinished, wall_time(records)))
     csv_path = out_dir / "summary.csv"
     csv_path.write_text(to_csv(rows))
     return md, csv_path, rows
@@ -238,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         sys.exit(f"kdseg.report: {err}")
     rows = summarize(records)
-    print(to_markdown(rows, teacher_row(records), unfinished), end="")
+    print(to_markdown(rows, teacher_row(records), unfinished, wall_time(records) if args.sweep_id else None), end="")
     if args.per_class:
         print()
         print(per_class_markdown(rows), end="")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,32 +29,35 @@ def current_sweep() -> tuple[str, str]:
 
 
 def sweep_figure(out: Path, records: list) -> Path | None:
-    """The qualitative figure from seed-0-first runs: teacher, baseline (loss none) and pi_pa student.
+    """The qualitative figure per student: teacher, baseline (no term) and every distilled setting.
 
-    Made for every student of the sweep that has both a baseline and a distilled run
-    (``paper_table`` does), as ``<out stem>_<student>.png``; ``out`` itself shows the largest
-    such student (the paper's ResNet-18). None when no student qualifies.
+    Each row is the lowest-seed run of a setting, in the summary's row order, labelled with its
+    active terms (``student resnet18`` / ``+ pi + pa``). Made for every student of the sweep
+    that has a baseline and at least one distilled run (``paper_table`` and ``zoo`` do), as
+    ``<out stem>_<student>.png``; ``out`` itself shows the largest such student (the paper's
+    ResNet-18). None when no student qualifies.
     """
     import shutil
 
     from kdseg.figure import qualitative_figure
-    from kdseg.report import student_order
+    from kdseg.report import student_order, summarize
 
-    def first(student: str, loss: str):
-        runs = [r for r in records if r.params.get("student.encoder_name") == student and r.params.get("loss.name") == loss]
-        return min(runs, key=lambda r: int(r.params.get("seed", 0)), default=None)
-
+    by_run = {r.run_id: r for r in records}
     made = []
     for student in student_order(records):
-        base, distilled = first(student, "none"), first(student, "pi_pa")
-        if base is None or distilled is None or "teacher_checkpoint" not in distilled.params:
+        rows = [row for row in summarize(records) if row["student"] == student]
+        firsts = [min((by_run[i] for i in row["run_ids"]), key=lambda r: int(r.params.get("seed", 0))) for row in rows]
+        base = next((run for run in firsts if not run.terms), None)
+        distilled = [run for run in firsts if run.terms and "teacher_checkpoint" in run.params]
+        if base is None or not distilled:
             continue
-        p = distilled.params
+        p = distilled[0].params
         made.append(qualitative_figure(
             out.with_name(f"{out.stem}_{student}{out.suffix}"), p["dataset.root"],
             [(f"teacher {p['teacher.model.encoder_name']}", p["teacher_checkpoint"]),
              (f"student {student}", Path(base.params["paths.output_dir"]) / "best.pt"),
-             (f"student {student}\n+ pi + pa", Path(p["paths.output_dir"]) / "best.pt")],
+             *[(f"student {student}\n+ {' + '.join(run.terms)}", Path(run.params["paths.output_dir"]) / "best.pt")
+               for run in distilled]],
             val_list=p["dataset.val_list"], mask_dir=p["dataset.val_mask_dir"],
         ))
     if not made:
@@ -91,15 +95,13 @@ class SweepSummary(Callback):
             for row in rows:
                 label = "-".join([row["student"], row["loss"], *(f"{k}={row['varying'][k]}" for k in extra)])
                 label = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
-                tracker.log_metrics(
-                    {
-                        f"summary/{label}/miou_mean": row["final_miou_mean"],
-                        f"summary/{label}/miou_std": row["final_miou_std"],
-                        f"summary/{label}/best_miou_mean": row["best_miou_mean"],
-                        f"summary/{label}/n_seeds": len(row["seeds"]),
-                    },
-                    0,
-                )
+                values = {
+                    "miou_mean": row["final_miou_mean"], "miou_std": row["final_miou_std"],
+                    "best_miou_mean": row["best_miou_mean"], "n_seeds": len(row["seeds"]),
+                    "gain_mean": row["gain_mean"], "gain_std": row["gain_std"],
+                    "epoch_s": row["epoch_s_mean"], "peak_mib": row["peak_mib_mean"],
+                }
+                tracker.log_metrics({f"summary/{label}/{k}": v for k, v in values.items() if math.isfinite(v)}, 0)
             for artifact in (md, csv_path, figure):
                 if artifact is not None:
                     tracker.log_artifact(artifact)
