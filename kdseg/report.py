@@ -166,8 +166,11 @@ def _add_paired_gains(rows: list[dict]) -> None:
     The baseline of a row is the row of the same student with no active term whose other
     settings (everything but the loss) are the same.
     """
-    def context(row: dict) -> tuple:
-        return row["student"], tuple((k, v) for k, v in row["varying"].items() if not k.startswith("loss."))
+    def context(row: dict) -> tuple:  # what a baseline must share: not the loss, nor what a teacher adds
+        return row["student"], tuple(
+            (k, v) for k, v in row["varying"].items()
+            if not k.startswith(("loss.", "params/")) and k != "teacher_checkpoint"
+        )
 
     baselines = {context(r): r for r in rows if not r["terms"]}
     for row in rows:
@@ -213,15 +216,22 @@ def teacher_row(records: Sequence[RunRecord]) -> dict | None:
     }
 
 
+TERM_KEY = re.compile(r"^loss\.terms\.([^.]+)\.")
+
+
 def _shown(key: str, rows: Sequence[dict]) -> bool:
     """Whether a varying setting needs its own column (model and check marks already say the rest).
 
-    A term's weight is shown only when the runs use more than one non-zero value of it.
+    A term's setting (its weight included) counts only in the rows where the term is active,
+    and is shown when those rows use more than one value of it.
     """
     if key in ("teacher_checkpoint", "loss.term_order") or key.startswith(("student.", "params/")):
         return False
-    if key in WEIGHT_KEYS or TERM_WEIGHT.match(key):
+    if key in WEIGHT_KEYS:
         return len({r["varying"][key] for r in rows if _number(r["varying"][key]) > 0}) > 1
+    term = TERM_KEY.match(key)
+    if term:
+        return len({r["varying"][key] for r in rows if term.group(1) in r["terms"]}) > 1
     return True
 
 
