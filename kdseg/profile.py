@@ -66,7 +66,8 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     A multiply-add counts as 2 FLOPs (a convolution is ``2 * Cout * Cin/groups * k*k * Hout*Wout``
     per image, a linear layer ``2 * in * out`` per row). Only ops with a registered formula are
     counted: convolutions, matrix products and attention; bias additions, normalisation,
-    activations, pooling and interpolation are not (a few % of a CNN's total).
+    activations, pooling and interpolation are not (a few % of a CNN's total). Papers that
+    report "FLOPs" as multiply-adds (MACs) give half this figure.
     """
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
