@@ -50,6 +50,10 @@ class TrackingError(KdsegError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 
 
+class ExportError(KdsegError, RuntimeError):
+    """An exported model does not reproduce the PyTorch model (or not at the opset asked for)."""
+
+
 def debug_enabled() -> bool:
     """``KDSEG_DEBUG`` set to anything but empty / 0 / false shows tracebacks."""
     return os.environ.get("KDSEG_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

@@ -1,0 +1,142 @@
+"""Profiling a model's real-time figures: parameters, forward FLOPs, latency and frames per second.
+
+The figures a real-time segmentation paper reports for its student: the parameter count,
+the compute of one forward pass, and the speed of one image at a time (batch 1, eval mode,
+no autograd) on a given device. FLOPs come from PyTorch's own counter
+(:class:`torch.utils.flop_counter.FlopCounterMode`), not a hand-written one.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdseg.errors import ConfigError
+from kdseg.models import count_params
+
+def input_multiple(model: nn.Module) -> int:
+    """The number both sides of an input must be divisible by: the encoder's output stride for smp models, else 1."""
+    if not getattr(model, "requires_divisible_input_shape", False):
+        return 1
+    return int(getattr(getattr(model, "encoder", None), "output_stride", 1))
+
+
+def check_input_size(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` as ints, or a ConfigError naming the size the model cannot take."""
+    try:
+        height, width = (int(side) for side in input_size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"input size must be (height, width), got {input_size!r}") from None
+    if height < 1 or width < 1:
+        raise ConfigError(f"input size must be positive, got {height}x{width}")
+    multiple = input_multiple(model)
+    if height % multiple or width % multiple:
+        raise ConfigError(
+            f"input size {height}x{width} does not fit {type(model).__name__}: height and width must be "
+            f"multiples of {multiple} (its encoder's output stride), e.g. "
+            f"{-(-height // multiple) * multiple}x{-(-width // multiple) * multiple}"
+        )
+    return height, width
+
+
+@contextmanager
+def eval_on(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``model`` in eval mode on ``device``; its train/eval mode and device are restored on exit."""
+    modes = {module: module.training for module in model.modules()}
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else None
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        if home is not None:
+            model.to(home)
+        for module, training in modes.items():
+            module.training = training
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs of ``model(x)`` as counted by :class:`~torch.utils.flop_counter.FlopCounterMode`.
+
+    A multiply-add counts as 2 FLOPs (a convolution is ``2 * Cout * Cin/groups * k*k * Hout*Wout``
+    per image, a linear layer ``2 * in * out`` per row). Only ops with a registered formula are
+    counted: convolutions, matrix products and attention; bias additions, normalisation,
+    activations, pooling and interpolation are not (a few % of a CNN's total). Papers that
+    report "FLOPs" as multiply-adds (MACs) give half this figure.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops()
+
+
+def measure_latency(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``model(x)`` over ``repeats`` timed passes after ``warmup`` untimed ones.
+
+    On CUDA the device is synchronised before and after each timed pass, so a time covers the
+    kernels and not only their launch.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    cuda = x.device.type == "cuda"
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            model(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def model_stats(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    repeats: int = 20,
+    warmup: int = 3,
+    channels: int = 3,
+) -> dict[str, float]:
+    """A model's real-time figures at batch 1 and ``input_size`` = (height, width) on ``device``.
+
+    Returns ``params_m`` (parameters, millions), ``gflops`` (forward GFLOPs of one image,
+    multiply-add = 2 FLOPs, see :func:`count_flops`), ``latency_ms`` (median forward time,
+    :func:`measure_latency`, eval mode, ``torch.inference_mode``, fp32) and ``fps``
+    (``1000 / latency_ms``). The model is left in the mode and on the device it came in.
+    An input size the model cannot take is a ConfigError before anything runs.
+    """
+    height, width = check_input_size(model, input_size)
+    device = torch.device(device)
+    x = torch.randn(1, channels, height, width, device=device)
+    with eval_on(model, device):
+        flops = count_flops(model, x)
+        latency_ms = measure_latency(model, x, repeats, warmup)
+    return {
+        "params_m": count_params(model) / 1e6,
+        "gflops": flops / 1e9,
+        "latency_ms": latency_ms,
+        "fps": 1000.0 / latency_ms,
+    }
+
+
+def stats_metrics(stats: dict[str, float], prefix: str = "student") -> dict[str, float]:
+    """:func:`model_stats` under MLflow ``split/name`` names.
+
+    ``params/<prefix>_m`` (the name kdseg already logs the parameter count under, as a param),
+    ``speed/<prefix>_gflops``, ``speed/<prefix>_latency_ms`` and ``speed/<prefix>_fps``.
+    """
+    return {
+        f"params/{prefix}_m": stats["params_m"],
+        f"speed/{prefix}_gflops": stats["gflops"],
+        f"speed/{prefix}_latency_ms": stats["latency_ms"],
+        f"speed/{prefix}_fps": stats["fps"],
+    }
