@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdseg import dist
 from kdseg.data.classes import IGNORE_INDEX
-from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.dataset import SegmentationDataset
 from kdseg.data.folders import LAYOUTS, list_pairs
 from kdseg.data.labels import LabelMap
+from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.voc import LAYOUT_HINT, read_split
 from kdseg.errors import ConfigError, DataError, MissingDataError
 
