@@ -5,16 +5,19 @@ import difflib
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdseg.data.classes import dataset_classes
+from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
 from kdseg.data.voc import BAD_SAMPLE_POLICIES
 from kdseg.errors import ConfigError
 
 __all__ = ["ConfigError", "validate"]
 
 TASKS = ("distill", "teacher", "eval")
-DATASETS = ("synthetic", "voc", "voc_aug")
+DATASETS = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k")
+VOC_SPLIT_KEYS = ("image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REQUIRED = {
-    "dataset": ("name", "root", "num_classes", "image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
+    "dataset": ("name", "root", "num_classes", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
     "student": ("encoder_name", "classes", "output_stride"),
     "teacher": ("model", "checkpoint", "bn_mode", "grad", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),
@@ -55,6 +58,12 @@ def validate(cfg: DictConfig) -> None:
     ds = cfg.dataset
     _require(ds.name in DATASETS, "dataset.name", ds.name, f"one of {', '.join(DATASETS)}")
     _positive_int(cfg, "dataset.num_classes", minimum=2)
+    for key in SPLIT_KEYS if ds.name in LAYOUTS else VOC_SPLIT_KEYS:
+        if OmegaConf.select(ds, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"config key dataset.{key} is missing")
+    if ds.name in LAYOUTS:
+        n = len(dataset_classes(ds.name).names)
+        _require(ds.num_classes == n, "dataset.num_classes", ds.num_classes, f"{n}, the classes of dataset={ds.name}")
     if ds.name == "synthetic":
         _require(ds.num_classes == 21, "dataset.num_classes", ds.num_classes, "21 for the built-in dataset")
         for key in ("num_train", "num_val"):

@@ -21,14 +21,14 @@ from kdseg import dist
 from kdseg.checkpoint import check_model, load_checkpoint, load_model, load_weights, model_config
 from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
-from kdseg.data.classes import VOC_CLASSES
+from kdseg.data.classes import dataset_classes
 from kdseg.distill import Distiller, build_terms, term_label
 from kdseg.errors import ConfigError, KdsegError
 from kdseg.models import count_params
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
-from kdseg.train import Trainer, auto_flag, evaluate, resolve_device, seed_everything
+from kdseg.train import Trainer, auto_flag, epoch_metrics, evaluate, resolve_device, seed_everything
 from kdseg.viz import save_prediction_grid
 
 TEACHER_TRAIN_KEYS = ("teacher_epochs", "max_iters", "batch_size", "base_lr", "base_batch", "head_lr_mult", "optimizer", "scheduler", "amp")
@@ -134,7 +134,8 @@ def fit(
     run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config, "mlflow_run_id": tracker.run_id}
     trainer = Trainer(
         model, train_loader, val_loader, cfg=cfg.trainer, epochs=epochs,
-        num_classes=cfg.dataset.num_classes, out_dir=plan.out_dir, model_config=model_cfg,
+        num_classes=cfg.dataset.num_classes, class_names=dataset_classes(cfg.dataset.name).names,
+        out_dir=plan.out_dir, model_config=model_cfg,
         log=tracker.log_metrics, device=device, run_info=run_info,
     )
     if plan.resuming:
@@ -266,8 +267,9 @@ def finish(
 ) -> None:
     """Write and log the per-class IoU table, the prediction grid and the resolved config."""
     last = result["history"][-1]
+    names, palette = dataset_classes(cfg.dataset.name)
     lines = ["| class | IoU (%) |", "|---|---|"]
-    lines += [f"| {c} | {100 * last[f'val/iou/{c}']:.2f} |" for c in VOC_CLASSES if f"val/iou/{c}" in last]
+    lines += [f"| {c} | {100 * last[f'val/iou/{c}']:.2f} |" for c in names if f"val/iou/{c}" in last]
     lines.append(f"| **mean** | **{100 * last['val/miou']:.2f}** |")
     (out_dir / "per_class_iou.md").write_text("\n".join(lines) + "\n")
     images, masks = next(iter(result["val_loader"]))
@@ -279,7 +281,7 @@ def finish(
             rows.append((f"teacher {cfg.teacher.model.encoder_name}", teacher.eval()(images.to(device)).argmax(1).cpu()))
         student.eval()
         rows.append((f"student {cfg.student.encoder_name} ({label})", student(images.to(device)).argmax(1).cpu()))
-    save_prediction_grid(out_dir / "predictions.png", images, rows)
+    save_prediction_grid(out_dir / "predictions.png", images, rows, palette=palette)
     for name in ("per_class_iou.md", "predictions.png", "config.yaml"):
         tracker.log_artifact(out_dir / name)
 
@@ -304,6 +306,6 @@ def eval_task(cfg: DictConfig, tracker: Tracker) -> float:
     _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed)
     with tracker.run(f"eval-{path.stem}", run_params(cfg) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None)):
         result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress)
-        tracker.log_metrics({"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}, 0)
+        tracker.log_metrics(epoch_metrics(result, dataset_classes(cfg.dataset.name).names), 0)
     print(f"{path}: val mIoU {100 * result['miou']:.2f}, pixel acc {100 * result['pixel_acc']:.2f}")
     return result["miou"]

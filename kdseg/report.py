@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdseg.data.classes import VOC_CLASSES
+from kdseg.data.classes import dataset_classes
 
 NOT_SETTING = ("seed", "logger.run_name", "sweep_id")
 NOT_SETTING_PREFIXES = ("paths.", "hydra.")
@@ -110,7 +110,7 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
                 final_miou=metrics["val/miou"],
                 best_miou=max(history),
                 pixel_acc=metrics["val/pixel_acc"],
-                iou={c: metrics[f"val/iou/{c}"] for c in VOC_CLASSES if f"val/iou/{c}" in metrics},
+                iou=class_ious(metrics, run.data.params.get("dataset.name")),
                 teacher_miou=metrics.get("teacher/val_miou"),
                 epoch_s=statistics.fmean(epoch_times) if epoch_times else math.nan,
                 peak_mib=metrics.get("memory/peak_mib", math.nan),
@@ -121,6 +121,18 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
     if sweep_id and not records and not unfinished:
         raise ValueError(f"no distill runs tagged sweep_id={sweep_id} in {tracking_uri}")
     return records, unfinished
+
+
+def class_ious(metrics: dict[str, float], dataset: str | None) -> dict[str, float]:
+    """A run's ``val/iou/<class>`` metrics by class name, in its dataset's class order
+    (names the dataset does not know, last, sorted)."""
+    found = {k.removeprefix("val/iou/"): v for k, v in metrics.items() if k.startswith("val/iou/")}
+    try:
+        known = dataset_classes(dataset).names
+    except ValueError:
+        known = ()
+    order = [c for c in known if c in found] + sorted(set(found) - set(known))
+    return {c: found[c] for c in order}
 
 
 def summarize(records: Sequence[RunRecord]) -> list[dict]:
@@ -147,7 +159,8 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
         }
         for name in ("final_miou", "best_miou", "pixel_acc", "epoch_s", "peak_mib"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in runs])
-        row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in VOC_CLASSES if any(c in r.iou for r in runs)}
+        classes = dict.fromkeys(c for r in runs for c in r.iou)  # in class order, first seen first
+        row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in classes}
         rows.append(row)
     columns = term_columns(records)
     for row in rows:
@@ -319,7 +332,7 @@ def per_class_markdown(rows: Sequence[dict]) -> str:
     """Per-class IoU (%), seed-averaged, one column per setting."""
     names = [f"{r['student']} {r['loss']}" for r in rows]
     lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(rows)]
-    for c in VOC_CLASSES:
+    for c in dict.fromkeys(c for r in rows for c in r["iou"]):
         cells = [f"{100 * r['iou'][c]:.2f}" if c in r["iou"] and not math.isnan(r["iou"][c]) else "-" for r in rows]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -197,6 +197,7 @@ class Trainer:
         cfg: Any,
         epochs: int,
         num_classes: int,
+        class_names: tuple[str, ...] = VOC_CLASSES,
         out_dir: str | os.PathLike,
         model_config: dict,
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
@@ -220,6 +221,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.num_classes = num_classes
+        self.class_names = class_names  # names of the val/iou/<class> metrics
         self.epochs = epochs
         self.max_iters = epochs * len(train_loader)
         if cfg.max_iters is not None:
@@ -300,7 +302,7 @@ class Trainer:
             improved = False
             if epoch % cfg.eval_every == 0 or epoch == self.epochs:
                 result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress)
-                metrics |= epoch_metrics(result)
+                metrics |= epoch_metrics(result, self.class_names)
                 self.last_result = result
                 improved = result["miou"] > self.best_miou
                 self.best_miou = max(self.best_miou, result["miou"])

@@ -1,4 +1,4 @@
-"""Figures: VOC-palette colouring and prediction grids like the paper's qualitative figure."""
+"""Figures: palette colouring (VOC's by default) and prediction grids like the paper's qualitative figure."""
 from __future__ import annotations
 
 import os
@@ -14,9 +14,10 @@ from kdseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
-def colorize(mask: torch.Tensor | np.ndarray) -> np.ndarray:
-    """H x W class indices (255 = void) -> H x W x 3 uint8 in the VOC palette."""
-    return _PALETTE[np.asarray(mask, dtype=np.int64).clip(0, 255)]
+def colorize(mask: torch.Tensor | np.ndarray, palette: Sequence[int] | None = None) -> np.ndarray:
+    """H x W class indices (255 = void) -> H x W x 3 uint8 in ``palette`` (flat 256 x [r, g, b]; default VOC's)."""
+    colours = _PALETTE if palette is None else np.asarray(palette, dtype=np.uint8).reshape(256, 3)
+    return colours[np.asarray(mask, dtype=np.int64).clip(0, 255)]
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -32,11 +33,12 @@ def save_prediction_grid(
     images: torch.Tensor,
     rows: Sequence[tuple[str, torch.Tensor]],
     title: str | None = None,
+    palette: Sequence[int] | None = None,
 ) -> Path:
     """One column per image; first row the inputs, then one labelled row per mask set.
 
     ``rows`` is e.g. ``[("ground truth", masks), ("teacher", pred_t), ("student", pred_s)]``,
-    each a K x H x W tensor of class indices.
+    each a K x H x W tensor of class indices, drawn in ``palette`` (the dataset's; default VOC's).
     """
     import matplotlib
 
@@ -47,7 +49,7 @@ def save_prediction_grid(
     n = len(rows) + 1
     fig, axes = plt.subplots(n, k, figsize=(1.6 * k + 1.2, 1.6 * n), squeeze=False)
     panels = [("input", [denormalize(img) for img in images])]
-    panels += [(label, [colorize(m.cpu()) for m in masks]) for label, masks in rows]
+    panels += [(label, [colorize(m.cpu(), palette) for m in masks]) for label, masks in rows]
     for r, (label, pictures) in enumerate(panels):
         for c, picture in enumerate(pictures):
             ax = axes[r][c]

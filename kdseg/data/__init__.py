@@ -10,9 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdseg import dist
 from kdseg.data.classes import IGNORE_INDEX
+from kdseg.data.dataset import SegmentationDataset
+from kdseg.data.folders import LAYOUTS, list_pairs
+from kdseg.data.labels import LabelMap
 from kdseg.data.transforms import train_transforms, val_transforms
-from kdseg.data.voc import VOCSegmentation
-from kdseg.errors import ConfigError, DataError
+from kdseg.data.voc import LAYOUT_HINT, read_split
+from kdseg.errors import ConfigError, DataError, MissingDataError
 
 
 def dataset_root(cfg: DictConfig) -> Path:
@@ -27,28 +30,37 @@ def dataset_root(cfg: DictConfig) -> Path:
     return Path(cfg.root)
 
 
+def split_samples(cfg: DictConfig, root: Path, split: str) -> tuple[list[tuple[Path, Path]], str, LabelMap | None]:
+    """The (image, mask) pairs of the ``train`` or ``val`` split, where they are listed (for
+    messages), and the label map of the dataset's masks (None: they store class indices).
+
+    VOC-layout datasets list a split in a file (``train_list`` / ``val_list``); Cityscapes and
+    ADE20K are split folders (``train_split`` / ``val_split``), see :mod:`kdseg.data.folders`.
+    """
+    if cfg.name in LAYOUTS:
+        layout, folder = LAYOUTS[cfg.name], cfg[f"{split}_split"]
+        return list_pairs(root, cfg.name, folder), f"'{layout.folders(root, folder)[0]}'", layout.label_map()
+    if not root.is_dir():
+        raise MissingDataError(f"dataset.root '{root}' does not exist (expected {LAYOUT_HINT})")
+    list_file, mask_dir = (cfg.train_list, cfg.mask_dir) if split == "train" else (cfg.val_list, cfg.val_mask_dir)
+    return read_split(root, list_file, cfg.image_dir, mask_dir), f"'{root / list_file}'", None
+
+
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
-    """Train and val datasets of the configured split lists, with the METHOD.md transforms.
+    """Train and val datasets of the configured splits, with the METHOD.md transforms.
 
     Bad samples fail here (pre-flight scan) or are left out, as ``cfg.on_bad_sample`` says.
     """
     root = dataset_root(cfg)
-    common = dict(image_dir=cfg.image_dir, num_classes=cfg.num_classes, on_bad_sample=cfg.on_bad_sample)
-    train = VOCSegmentation(
-        root,
-        cfg.train_list,
-        mask_dir=cfg.mask_dir,
-        transforms=train_transforms(cfg.base_size, cfg.crop_size, tuple(cfg.scale_range), cfg.blur_prob),
-        **common,
-    )
-    val = VOCSegmentation(
-        root,
-        cfg.val_list,
-        mask_dir=cfg.val_mask_dir,
-        transforms=val_transforms(cfg.eval_mode, cfg.base_size, cfg.crop_size),
-        **common,
-    )
-    return train, val
+    transforms = {
+        "train": train_transforms(cfg.base_size, cfg.crop_size, tuple(cfg.scale_range), cfg.blur_prob),
+        "val": val_transforms(cfg.eval_mode, cfg.base_size, cfg.crop_size),
+    }
+    datasets = []
+    for split in ("train", "val"):
+        samples, source, label_map = split_samples(cfg, root, split)
+        datasets.append(SegmentationDataset(samples, source, transforms[split], cfg.num_classes, cfg.on_bad_sample, label_map))
+    return datasets[0], datasets[1]
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

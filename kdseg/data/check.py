@@ -7,7 +7,8 @@ A sample is an image and its mask. What can go wrong, each reported naming the f
 - the mask is not a palette / grey PNG of class indices;
 - image and mask differ in size;
 - the file is truncated or corrupt (seen only when the pixels are decoded);
-- the mask holds labels outside ``0..num_classes-1`` and 255.
+- the mask holds labels outside ``0..num_classes-1`` and 255 (for Cityscapes and ADE20K:
+  stored values that are no label of the dataset, see :mod:`kdseg.data.labels`).
 
 The first four are seen from the file headers alone (``deep=False``: fast enough to run
 before every training); the last two need every file decoded (``deep=True``).
@@ -16,6 +17,7 @@ before every training); the last two need every file decoded (``deep=True``).
 reports every problem of the train and val splits at once (exit code 1 if there is any)::
 
     python -m kdseg.data.check dataset=voc dataset.root=/data/VOCdevkit/VOC2012
+    python -m kdseg.data.check dataset=cityscapes dataset.root=/data/cityscapes
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kdseg.data.classes import IGNORE_INDEX
+from kdseg.data.labels import LabelMap
 from kdseg.errors import ConfigError, DataError, MissingDataError, one_line, reported
 
 MASK_MODES = ("P", "L")
@@ -75,18 +78,25 @@ def read_image(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def check_labels(labels: np.ndarray, path: Path, num_classes: int | None) -> None:
-    """Raise if the mask holds a label that is neither a class index nor 255."""
+def check_labels(labels: np.ndarray, path: Path, num_classes: int | None, label_map: LabelMap | None = None,
+                 stored: np.ndarray | None = None) -> None:
+    """Raise if the (mapped) mask holds a label that is neither a class index nor 255.
+
+    With a ``label_map`` the error names the ``stored`` values (those in the file) and what
+    the dataset's masks should hold.
+    """
     if num_classes is None:
         return
     bad = (labels >= num_classes) & (labels != IGNORE_INDEX)
     if bad.any():
-        values = np.unique(labels[bad])
+        values = np.unique((labels if stored is None else stored)[bad])
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise DataError(
-            f"mask '{path}' has label(s) {shown} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
-            f"({int(bad.sum())} pixels)"
-        )
+        if label_map is None:
+            raise DataError(
+                f"mask '{path}' has label(s) {shown} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
+                f"({int(bad.sum())} pixels)"
+            )
+        raise DataError(f"mask '{path}' has label(s) {shown} ({int(bad.sum())} pixels); expected {label_map.expected}")
 
 
 def _check_mask_mode(img: Image.Image, path: Path) -> None:
@@ -94,13 +104,15 @@ def _check_mask_mode(img: Image.Image, path: Path) -> None:
         raise DataError(f"mask '{path}' has mode {img.mode}; expected a palette (P) or grey (L) PNG of class indices")
 
 
-def read_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
-    """The label map (H x W uint8, 255 = void); a DataError naming the file if it is unusable."""
+def read_mask(path: Path, num_classes: int | None = None, label_map: LabelMap | None = None) -> np.ndarray:
+    """The class indices (H x W uint8, 255 = void), through ``label_map`` when the file stores
+    other values; a DataError naming the file if it is unusable."""
     with _open(path, "mask") as img:
         _check_mask_mode(img, path)
         _decode(img, path, "mask")
-        labels = np.asarray(img).copy()
-    check_labels(labels, path, num_classes)
+        stored = np.asarray(img)
+    labels = stored.copy() if label_map is None else label_map(stored)
+    check_labels(labels, path, num_classes, label_map, stored)
     return labels
 
 
@@ -111,13 +123,15 @@ def check_sizes(image_path: Path, image_hw: tuple[int, int], mask_path: Path, ma
         )
 
 
-def check_sample(image_path: Path, mask_path: Path, num_classes: int | None, deep: bool) -> list[Problem]:
+def check_sample(
+    image_path: Path, mask_path: Path, num_classes: int | None, deep: bool, label_map: LabelMap | None = None
+) -> list[Problem]:
     """Every problem of one sample (empty if it is fine); ``deep`` decodes the pixels too."""
     problems, sizes = [], {}
     for path, kind in ((image_path, "image"), (mask_path, "mask")):
         try:
             if deep:
-                pixels = read_image(path) if kind == "image" else read_mask(path, num_classes)
+                pixels = read_image(path) if kind == "image" else read_mask(path, num_classes, label_map)
                 sizes[kind] = pixels.shape[:2]
             else:
                 with _open(path, kind) as img:
@@ -135,12 +149,16 @@ def check_sample(image_path: Path, mask_path: Path, num_classes: int | None, dee
 
 
 def scan(
-    samples: Sequence[tuple[Path, Path]], num_classes: int | None, deep: bool, workers: int | None = None
+    samples: Sequence[tuple[Path, Path]],
+    num_classes: int | None,
+    deep: bool,
+    workers: int | None = None,
+    label_map: LabelMap | None = None,
 ) -> list[list[Problem]]:
     """``check_sample`` for every sample (in threads: decoding releases the GIL), in order."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda pair: check_sample(*pair, num_classes, deep), samples))
+        return list(pool.map(lambda pair: check_sample(*pair, num_classes, deep, label_map), samples))
 
 
 def summarize(problems: Sequence[Problem], source: str, shown: int = 3) -> str:
@@ -159,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from kdseg.data import dataset_root
-    from kdseg.data.voc import read_split
+    from kdseg.data import dataset_root, split_samples
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in argv):
@@ -179,17 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not root.is_dir():
             raise MissingDataError(f"dataset.root '{root}' does not exist")
         total = 0
-        for split, list_file, mask_dir in (("train", ds.train_list, ds.mask_dir), ("val", ds.val_list, ds.val_mask_dir)):
+        for split in ("train", "val"):
             try:
-                samples = read_split(root, list_file, ds.image_dir, mask_dir)
+                samples, source, label_map = split_samples(ds, root, split)
             except DataError as err:
                 print(f"{split}: {err}")
                 total += 1
                 continue
-            problems = [p for found in scan(samples, ds.num_classes, deep=True) for p in found]
+            problems = [p for found in scan(samples, ds.num_classes, deep=True, label_map=label_map) for p in found]
             for problem in problems:
                 print(f"{split}: {problem}")
-            print(f"{split}: {len(samples)} samples in '{root / list_file}', {len(problems)} problem(s)")
+            print(f"{split}: {len(samples)} samples in {source}, {len(problems)} problem(s)")
             total += len(problems)
     print("dataset OK" if total == 0 else f"{total} problem(s) found")
     return 1 if total else 0

@@ -1,5 +1,13 @@
-"""PASCAL VOC 2012 class names and colour palette (shared by data, metrics and figures)."""
+"""Class names and colour palettes of every dataset (shared by data, metrics, reports and figures).
+
+:func:`dataset_classes` is the one place that says, for a ``dataset.name``, which name each
+class index has (the ``val/iou/<name>`` metrics, the per-class tables) and which colour it is
+drawn in (prediction grids, mask PNGs).
+"""
 from __future__ import annotations
+
+from functools import cache
+from typing import Any, NamedTuple
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -7,6 +15,34 @@ VOC_CLASSES: tuple[str, ...] = (
     "sheep", "sofa", "train", "tvmonitor",
 )
 IGNORE_INDEX = 255
+
+# The 150 classes of the ADE20K SceneParsing benchmark (ADEChallengeData2016), in label order
+# (annotation value 1 = "wall" ... 150 = "flag"): the first synonym of each row of the benchmark's
+# objectInfo150.csv (github.com/CSAILVision/sceneparsing), the short names mmsegmentation also uses.
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace",
+    "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway",
+    "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
+    "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel",
+    "bus", "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
+    "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool",
+    "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball",
+    "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+
+
+class DatasetClasses(NamedTuple):
+    """A dataset's class names (index order) and its 256-entry palette (flat [r, g, b, ...])."""
+
+    names: tuple[str, ...]
+    palette: list[int]
 
 
 def voc_palette() -> list[int]:
@@ -25,3 +61,56 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette += [r, g, b]
     return palette
+
+
+def _palette(colours: list[tuple[int, int, int]], ignore: tuple[int, int, int] = (0, 0, 0)) -> list[int]:
+    """Class colours, black up to index 254, ``ignore`` at 255: a flat 256-entry palette."""
+    rows = list(colours) + [(0, 0, 0)] * (IGNORE_INDEX - len(colours)) + [ignore]
+    return [value for rgb in rows for value in rgb]
+
+
+@cache
+def cityscapes_labels() -> tuple[Any, ...]:
+    """cityscapesscripts' label table (``Label(name, id, trainId, ..., color)`` per labelId).
+
+    Imported on first use and only this module of the package: the rest of cityscapesscripts
+    pulls in plotting and GUI dependencies.
+    """
+    from cityscapesscripts.helpers.labels import labels
+
+    return tuple(labels)
+
+
+def _cityscapes() -> DatasetClasses:
+    """The 19 train classes in trainId order (road, sidewalk, ...), in the table's colours; void black."""
+    by_train_id: dict[int, Any] = {}
+    for label in cityscapes_labels():
+        if 0 <= label.trainId < IGNORE_INDEX:
+            by_train_id.setdefault(label.trainId, label)  # as cityscapesscripts: the first label of a trainId names it
+    ordered = [by_train_id[i] for i in range(len(by_train_id))]
+    return DatasetClasses(tuple(label.name for label in ordered), _palette([tuple(label.color) for label in ordered]))
+
+
+def _ade20k() -> DatasetClasses:
+    """ADE20K's 150 classes in a deterministic palette: class i gets the VOC colour-map entry i + 1.
+
+    (The VOC bit-interleaved map gives 256 distinct colours; the shift keeps "wall" from being
+    black, the colour of ignored pixels.)
+    """
+    voc = voc_palette()
+    colours = [tuple(voc[3 * i : 3 * i + 3]) for i in range(1, len(ADE20K_CLASSES) + 1)]
+    return DatasetClasses(ADE20K_CLASSES, _palette(colours))
+
+
+def _voc() -> DatasetClasses:
+    return DatasetClasses(VOC_CLASSES, voc_palette())
+
+
+_DATASETS = {"synthetic": _voc, "voc": _voc, "voc_aug": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k}
+
+
+def dataset_classes(name: str) -> DatasetClasses:
+    """Class names and palette of ``dataset.name`` (the built-in set and VOC share VOC's)."""
+    if name not in _DATASETS:
+        raise ValueError(f"no class names for dataset '{name}'; known datasets: {', '.join(_DATASETS)}")
+    return _DATASETS[name]()

@@ -1,0 +1,388 @@
+"""Cityscapes and ADE20K: folder listing, label maps, class names and palettes, bad files, runs.
+
+Each test writes a small folder in the dataset's real layout (odd image sizes, stored mask
+values including the ignored ones) and checks the reader against label maps computed by hand.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import kdseg.figure
+import kdseg.main
+from kdseg.config import validate
+from kdseg.data import build_datasets
+from kdseg.data.check import main as check_main
+from kdseg.data.classes import VOC_CLASSES, dataset_classes, voc_palette
+from kdseg.data.folders import folder_dataset
+from kdseg.data.labels import ade20k_label_map, cityscapes_label_map
+from kdseg.errors import ConfigError, DataError, MissingDataError
+from kdseg.figure import qualitative_figure
+from kdseg.main import run
+from kdseg.report import class_ious
+from kdseg.viz import colorize, save_prediction_grid
+
+# Stored value -> class index, by hand from the datasets' documentation (255: ignored).
+# Cityscapes labelIds: unlabeled 0, ego vehicle 1 -> ignored; road 7 -> 0, sidewalk 8 -> 1,
+# person 24 -> 11, car 26 -> 13, parking 9 (trainId 255) -> ignored, bicycle 33 -> 18.
+CITYSCAPES_MAP = {0: 255, 1: 255, 7: 0, 8: 1, 9: 255, 24: 11, 26: 13, 33: 18}
+# ADE20K: 0 ("other") -> ignored, k -> k - 1, 255 -> ignored.
+ADE20K_MAP = {0: 255, 1: 0, 2: 1, 75: 74, 150: 149, 255: 255}
+
+# relative name -> (width, height); sorted by name, the order the reader lists them in.
+# The two val images share one (odd) size, so a batch of both pads them as a batch of one does.
+SPLITS = {
+    "cityscapes": {
+        "train": {"aachen/aachen_000000_000019": (67, 45), "aachen/aachen_000001_000019": (45, 67), "bochum/bochum_000000_000313": (81, 37)},
+        "val": {"frankfurt/frankfurt_000000_000294": (59, 41), "lindau/lindau_000000_000019": (59, 41)},
+    },
+    "ade20k": {
+        "training": {"ADE_train_00000001": (67, 45), "ADE_train_00000002": (45, 67), "ADE_train_00000003": (81, 37)},
+        "validation": {"ADE_val_00000001": (59, 41), "ADE_val_00000002": (59, 41)},
+    },
+}
+FIRST_CLASS = {"cityscapes": ("road", 7), "ade20k": ("wall", 1)}  # a class every val mask holds, and its stored value
+
+
+@dataclass
+class Written:
+    """A dataset folder written by a test: per split, (image, mask, class indices by hand)."""
+
+    name: str
+    root: Path
+    splits: dict[str, list[tuple[Path, Path, np.ndarray]]]
+
+    @property
+    def train(self) -> list[tuple[Path, Path, np.ndarray]]:
+        return next(iter(self.splits.values()))
+
+    @property
+    def val(self) -> list[tuple[Path, Path, np.ndarray]]:
+        return list(self.splits.values())[1]
+
+
+def _paths(name: str, root: Path, split: str, stem: str) -> tuple[Path, Path]:
+    if name == "cityscapes":
+        return root / "leftImg8bit" / split / f"{stem}_leftImg8bit.png", root / "gtFine" / split / f"{stem}_gtFine_labelIds.png"
+    return root / "images" / split / f"{stem}.jpg", root / "annotations" / split / f"{stem}.png"
+
+
+def _stored(rng: np.random.Generator, values: list[int], width: int, height: int, first: int) -> np.ndarray:
+    """7-px blocks of random stored values; the top-left block holds ``first``."""
+    blocks = rng.choice(np.array(values, dtype=np.uint8), (height // 7 + 1, width // 7 + 1))
+    blocks[0, 0] = first
+    return blocks.repeat(7, axis=0).repeat(7, axis=1)[:height, :width]
+
+
+def write_dataset(name: str, root: Path) -> Written:
+    """The dataset's folder layout with a few images; Cityscapes also gets the *_color /
+    *_instanceIds / *_polygons.json files that gtFine holds, which the reader must pass over."""
+    rng = np.random.default_rng(0)
+    mapping = CITYSCAPES_MAP if name == "cityscapes" else ADE20K_MAP
+    splits = {}
+    for split, samples in SPLITS[name].items():
+        splits[split] = []
+        for stem, (width, height) in samples.items():
+            image_path, mask_path = _paths(name, root, split, stem)
+            for path in (image_path, mask_path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (height // 9 + 1, width // 9 + 1, 3), dtype=np.uint8)
+            Image.fromarray(pixels).resize((width, height)).save(image_path)
+            stored = _stored(rng, list(mapping), width, height, FIRST_CLASS[name][1])
+            Image.fromarray(stored).save(mask_path)
+            if name == "cityscapes":
+                base = str(mask_path).removesuffix("_labelIds.png")
+                Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(f"{base}_color.png")
+                Image.fromarray(stored.astype(np.uint16) * 1000).save(f"{base}_instanceIds.png")  # 16-bit, as the real ones
+                Path(f"{base}_polygons.json").write_text("{}")
+            expected = np.vectorize(mapping.__getitem__)(stored).astype(np.uint8)
+            splits[split].append((image_path, mask_path, expected))
+    return Written(name, root, splits)
+
+
+@pytest.fixture(params=["cityscapes", "ade20k"])
+def written(request, tmp_path: Path) -> Written:
+    folder = "cityscapes" if request.param == "cityscapes" else "ADEChallengeData2016"
+    return write_dataset(request.param, tmp_path / folder)
+
+
+def dataset_cfg(make_cfg, data: Written, *overrides: str):
+    """The composed config for ``data`` at 64 px crops (trainer=smoke)."""
+    sizes = ("dataset.base_size=64", "dataset.crop_size=64")
+    return make_cfg("trainer=smoke", f"dataset={data.name}", f"dataset.root={data.root}", *sizes, *overrides, smoke=False)
+
+
+# --- readers ----------------------------------------------------------------------------
+
+
+def test_reader_lists_sorted_pairs_and_maps_labels_by_hand(written, make_cfg) -> None:
+    train, val = build_datasets(dataset_cfg(make_cfg, written).dataset)
+    for dataset, samples in ((train, written.train), (val, written.val)):
+        assert dataset.samples == [(image, mask) for image, mask, _ in samples]
+        for index, (_, _, expected) in enumerate(samples):
+            image, mask = dataset.load(index)
+            assert image.shape == (3, *expected.shape) and mask.dtype == torch.uint8
+            np.testing.assert_array_equal(mask.numpy(), expected)
+    image, mask = train[0]
+    assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
+
+
+def test_folder_dataset_defaults_to_the_dataset_classes(written) -> None:
+    split = next(iter(SPLITS[written.name]))
+    dataset = folder_dataset(written.name, written.root, split)
+    assert dataset.num_classes == {"cityscapes": 19, "ade20k": 150}[written.name] and len(dataset) == 3
+
+
+def test_cityscapes_label_map_is_the_19_train_ids() -> None:
+    table = cityscapes_label_map().table
+    assert table.shape == (256,) and table.dtype == np.uint8
+    assert table[list(CITYSCAPES_MAP)].tolist() == list(CITYSCAPES_MAP.values())
+    mapped = table[:34]
+    assert sorted(mapped[mapped < 255].tolist()) == list(range(19))  # each train class from exactly one labelId
+    assert table[255] == 255 and not ({int(v) for v in table[34:255]} & (set(range(19)) | {255}))
+
+
+def test_ade20k_label_map_shifts_by_one() -> None:
+    table = ade20k_label_map().table
+    assert table[0] == 255 and table[255] == 255
+    assert table[1:151].tolist() == list(range(150))
+    assert not ({int(v) for v in table[151:255]} & (set(range(150)) | {255}))
+
+
+# --- class names and palettes -----------------------------------------------------------
+
+
+def test_cityscapes_classes_and_palette() -> None:
+    names, palette = dataset_classes("cityscapes")
+    assert len(names) == 19 and (names[0], names[1], names[13], names[18]) == ("road", "sidewalk", "car", "bicycle")
+    assert len(palette) == 768
+    assert palette[0:3] == [128, 64, 128] and palette[3 * 13 : 3 * 14] == [0, 0, 142] and palette[-3:] == [0, 0, 0]
+
+
+def test_ade20k_classes_and_palette() -> None:
+    names, palette = dataset_classes("ade20k")
+    assert len(names) == len(set(names)) == 150
+    assert (names[0], names[1], names[2], names[7], names[149]) == ("wall", "building", "sky", "bed", "flag")
+    colours = {tuple(palette[3 * i : 3 * i + 3]) for i in range(150)}
+    assert len(palette) == 768 and len(colours) == 150 and (0, 0, 0) not in colours
+    assert palette[0:3] == voc_palette()[3:6] and palette[-3:] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["synthetic", "voc", "voc_aug"])
+def test_voc_layout_datasets_keep_voc_classes(name: str) -> None:
+    assert dataset_classes(name) == (VOC_CLASSES, voc_palette())
+
+
+def test_unknown_dataset_has_no_classes() -> None:
+    with pytest.raises(ValueError, match="no class names for dataset 'kitti'; known datasets: .*cityscapes, ade20k"):
+        dataset_classes("kitti")
+
+
+def test_colorize_uses_the_given_palette() -> None:
+    mask = np.array([[0, 13, 255]])
+    assert colorize(mask, dataset_classes("cityscapes").palette).tolist() == [[[128, 64, 128], [0, 0, 142], [0, 0, 0]]]
+    assert colorize(mask).tolist() == [[voc_palette()[0:3], voc_palette()[39:42], [224, 224, 192]]]
+
+
+def test_report_orders_per_class_ious_by_the_dataset() -> None:
+    metrics = {"val/miou": 0.5, "val/iou/car": 0.2, "val/iou/road": 0.9, "val/iou/151": 0.1, "val/iou/zebra": 0.3}
+    assert list(class_ious(metrics, "cityscapes")) == ["road", "car", "151", "zebra"]
+    assert class_ious(metrics, None) == {"151": 0.1, "car": 0.2, "road": 0.9, "zebra": 0.3}
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def test_image_without_mask_names_the_mask(written, make_cfg) -> None:
+    _, mask, _ = written.train[1]
+    mask.unlink()
+    with pytest.raises(MissingDataError, match=f"mask '{re.escape(str(mask))}' does not exist"):
+        build_datasets(dataset_cfg(make_cfg, written).dataset)
+
+
+def test_mask_without_image_names_the_image(written, make_cfg) -> None:
+    image, _, _ = written.val[0]
+    image.unlink()
+    with pytest.raises(MissingDataError, match=f"image '{re.escape(str(image))}' does not exist"):
+        build_datasets(dataset_cfg(make_cfg, written).dataset)
+
+
+def test_size_mismatch_names_image_and_mask(written, make_cfg) -> None:
+    image, mask, expected = written.train[0]
+    Image.fromarray(np.zeros((expected.shape[0] + 1, expected.shape[1]), np.uint8)).save(mask)
+    with pytest.raises(DataError, match=f"image '{re.escape(str(image))}' is {re.escape(str(expected.shape))} .*mask '{re.escape(str(mask))}'"):
+        build_datasets(dataset_cfg(make_cfg, written).dataset)
+
+
+def test_truncated_mask_is_named_when_read(written, make_cfg) -> None:
+    _, mask, _ = written.val[1]
+    data = mask.read_bytes()
+    start = data.index(b"IDAT")
+    mask.write_bytes(data[: start + 4 + int.from_bytes(data[start - 4 : start], "big") // 2])
+    _, val = build_datasets(dataset_cfg(make_cfg, written).dataset)  # the header is fine: found when decoded
+    with pytest.raises(DataError, match=f"mask '{re.escape(str(mask))}' is truncated or corrupt"):
+        val.load(1)
+
+
+BAD_VALUES = {"cityscapes": (34, 40), "ade20k": (151, 200)}  # not a labelId / above 150
+EXPECTED = {"cityscapes": "Cityscapes labelIds 0..33", "ade20k": "ADE20K labels 0..150"}
+
+
+def _write_bad_labels(written: Written) -> Path:
+    """Val mask 0 gets 4 + 2 pixels of stored values that are no label of the dataset."""
+    _, mask, _ = written.val[0]
+    stored = np.asarray(Image.open(mask)).copy()
+    stored[:2, :2], stored[2, :2] = BAD_VALUES[written.name]
+    Image.fromarray(stored).save(mask)
+    return mask
+
+
+def test_stored_label_that_maps_to_no_class_names_the_file_and_value(written, make_cfg) -> None:
+    mask = _write_bad_labels(written)
+    _, val = build_datasets(dataset_cfg(make_cfg, written).dataset)
+    first, second = BAD_VALUES[written.name]
+    message = f"mask '{mask}' has label(s) {first}, {second} (6 pixels); expected {EXPECTED[written.name]}"
+    with pytest.raises(DataError, match=re.escape(message)):
+        val.load(0)
+
+
+def test_bad_samples_are_skipped(written, make_cfg) -> None:
+    (_, missing_mask, _), (missing_image, _, _) = written.train[1], written.train[2]
+    missing_mask.unlink()
+    missing_image.unlink()
+    bad_labels = _write_bad_labels(written)
+    train, val = build_datasets(dataset_cfg(make_cfg, written, "dataset.on_bad_sample=skip").dataset)
+    assert train.samples == [written.train[0][:2]] and val.samples == [written.val[1][:2]]
+    assert [p.path for p in train.skipped] == [missing_mask, missing_image] and [p.path for p in val.skipped] == [bad_labels]
+
+
+def test_missing_split_folder_names_it_and_the_layout(written, make_cfg) -> None:
+    _, mask, _ = written.val[0]
+    folder = mask.parent.parent if written.name == "cityscapes" else mask.parent
+    shutil.rmtree(folder)
+    hint = "leftImg8bit/<split>/<city>/<name>_leftImg8bit.png" if written.name == "cityscapes" else "images/<split>/ADE_*.jpg"
+    with pytest.raises(MissingDataError, match=f"split folder '{re.escape(str(folder))}' does not exist .*{re.escape(hint)}"):
+        build_datasets(dataset_cfg(make_cfg, written).dataset)
+
+
+def test_empty_split_folders_are_an_error(written, make_cfg) -> None:
+    image, mask, _ = written.train[0]
+    folders = (image.parent.parent, mask.parent.parent) if written.name == "cityscapes" else (image.parent, mask.parent)
+    for folder in folders:
+        shutil.rmtree(folder)
+        folder.mkdir()
+    with pytest.raises(MissingDataError, match=f"split folders '{re.escape(str(folders[0]))}' and '{re.escape(str(folders[1]))}' hold no"):
+        build_datasets(dataset_cfg(make_cfg, written).dataset)
+
+
+def test_missing_root_names_it_and_the_layout(written, make_cfg, tmp_path: Path) -> None:
+    absent = tmp_path / "nowhere"
+    hint = "a Cityscapes folder holding leftImg8bit/" if written.name == "cityscapes" else "the ADEChallengeData2016 folder holding images/"
+    with pytest.raises(MissingDataError, match=f"dataset.root '{re.escape(str(absent))}' does not exist \\(expected {hint}"):
+        build_datasets(dataset_cfg(make_cfg, Written(written.name, absent, {})).dataset)
+
+
+def test_check_lists_every_problem(written, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [f"dataset={written.name}", f"dataset.root={written.root}"]
+    assert check_main(args) == 0
+    assert "dataset OK" in capsys.readouterr().out
+    bad_labels = _write_bad_labels(written)
+    written.train[1][1].unlink()
+    assert check_main(args) == 1
+    out = capsys.readouterr().out
+    assert f"val: mask '{bad_labels}' has label(s)" in out and f"train: mask '{written.train[1][1]}' does not exist" in out
+    assert "train: 3 samples" in out and "val: 2 samples" in out and "2 problem(s) found" in out
+
+
+# --- config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, env, default", [("cityscapes", "CITYSCAPES_ROOT", "cityscapes"), ("ade20k", "ADE20K_ROOT", "ADEChallengeData2016")])
+def test_config_root_from_env_var_and_validates(make_cfg, session_dir: Path, monkeypatch, name: str, env: str, default: str) -> None:
+    monkeypatch.delenv(env, raising=False)
+    cfg = make_cfg(f"dataset={name}", smoke=False)
+    validate(cfg)
+    assert cfg.dataset.root == f"{session_dir}/data/{default}"
+    assert cfg.student.classes == cfg.teacher.model.classes == len(dataset_classes(name).names)
+    monkeypatch.setenv(env, "/data/elsewhere")
+    assert make_cfg(f"dataset={name}", smoke=False).dataset.root == "/data/elsewhere"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dataset=ade20k", "dataset.num_classes=151"], "config dataset.num_classes=151: expected 150, the classes of dataset=ade20k"),
+        (["dataset=cityscapes", "student.classes=21"], "config student.classes=21: expected dataset.num_classes=19"),
+        (["dataset=cityscapes", "~dataset.val_split"], "config key dataset.val_split is missing"),
+    ],
+)
+def test_validation_names_the_key(make_cfg, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(make_cfg(*overrides, smoke=False))
+
+
+# --- runs -------------------------------------------------------------------------------
+
+
+def mlflow_run(cfg, run_name: str, dataset: str):
+    client = MlflowClient(cfg.logger.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    query = f"attributes.run_name = '{run_name}' and tags.dataset = '{dataset}'"
+    (found, *_) = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
+    return found
+
+
+def test_baseline_run_logs_the_dataset_class_names(written, make_cfg, tmp_path: Path, monkeypatch) -> None:
+    palettes = []
+
+    def save_grid(path, images, rows, palette=None):
+        palettes.append(palette)
+        return save_prediction_grid(path, images, rows, palette=palette)
+
+    monkeypatch.setattr(kdseg.main, "save_prediction_grid", save_grid)
+    cfg = dataset_cfg(make_cfg, written, "loss=none", "logger.run_name=ds-baseline")
+    assert 0.0 <= run(cfg) <= 1.0
+    assert palettes == [dataset_classes(written.name).palette]
+    metrics = mlflow_run(cfg, "ds-baseline", written.name).data.metrics
+    present, _ = FIRST_CLASS[written.name]
+    names = set(dataset_classes(written.name).names)
+    logged = {k.removeprefix("val/iou/") for k in metrics if k.startswith("val/iou/")}
+    assert present in logged and logged <= names
+    assert f"| {present} | " in (tmp_path / "out" / "per_class_iou.md").read_text()
+
+
+def test_teacher_then_eval_and_figure_use_the_dataset_classes(written, make_cfg, tmp_path: Path, monkeypatch) -> None:
+    fast = "teacher.model.encoder_name=resnet18"  # any encoder: a smoke teacher, quick on CPU
+    miou = run(dataset_cfg(make_cfg, written, "task=teacher", fast))
+    checkpoint = tmp_path / "out" / "last.pt"
+    cfg = dataset_cfg(make_cfg, written, "task=eval", f"checkpoint={checkpoint}")
+    assert run(cfg) == pytest.approx(miou)
+    present, _ = FIRST_CLASS[written.name]
+    for run_name in (f"teacher-resnet18-{written.name}", "eval-last"):
+        metrics = mlflow_run(cfg, run_name, written.name).data.metrics
+        assert f"val/iou/{present}" in metrics and "val/iou/background" not in metrics, run_name
+    drawn = {}
+
+    def save_grid(path, images, rows, palette=None):
+        drawn.update(path=path, masks=rows[0][1], palette=palette)
+        return save_prediction_grid(path, images, rows, palette=palette)
+
+    monkeypatch.setattr(kdseg.figure, "save_prediction_grid", save_grid)
+    figure = qualitative_figure(tmp_path / "figure.png", written.root, [("teacher", checkpoint)], k=2, dataset=written.name)
+    assert figure.is_file() and drawn["palette"] == dataset_classes(written.name).palette
+    for mask, (_, _, expected) in zip(drawn["masks"], written.val):  # the val split, padded to a multiple of 16
+        np.testing.assert_array_equal(mask[: expected.shape[0], : expected.shape[1]].numpy(), expected)
+
+
+def test_distill_on_real_data_needs_a_teacher_checkpoint(written, make_cfg) -> None:
+    with pytest.raises(ConfigError, match=f"teacher.checkpoint is null and dataset={written.name}: train a teacher first"):
+        run(dataset_cfg(make_cfg, written, "loss=pi"))
