@@ -9,6 +9,7 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
 from kdseg.data.voc import BAD_SAMPLE_POLICIES
 from kdseg.errors import ConfigError
+from kdseg.inference import eval_settings
 
 __all__ = ["ConfigError", "validate"]
 
@@ -23,6 +24,7 @@ REQUIRED = {
     "loss": ("pi_lambda", "pa_lambda", "terms"),
     "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp",
                 "channels_last", "cudnn_benchmark", "deterministic", "compile", "compile_mode", "num_threads", "pin_memory", "persistent_workers", "resume"),
+    "eval": ("mode", "crop", "stride", "scales", "flip"),
 }
 
 
@@ -87,6 +89,7 @@ def validate(cfg: DictConfig) -> None:
     _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], "dataset.scale_range", lo_hi, "[min, max] with 0 < min <= max")
     _require(0 <= ds.blur_prob <= 1, "dataset.blur_prob", ds.blur_prob, "a probability in [0, 1]")
     _require(ds.eval_mode in ("full", "center_crop"), "dataset.eval_mode", ds.eval_mode, "full or center_crop")
+    eval_settings(cfg.eval)  # eval.mode, eval.crop, eval.stride, eval.scales, eval.flip
     for key in ("pi_lambda", "pa_lambda"):
         value = cfg.loss[key]
         _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, f"loss.{key}", value, "a number >= 0")

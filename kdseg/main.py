@@ -24,6 +24,7 @@ from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import dataset_classes
 from kdseg.distill import Distiller, build_terms, term_label
 from kdseg.errors import ConfigError, KdsegError
+from kdseg.inference import eval_settings
 from kdseg.models import count_params
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.sweep import current_sweep
@@ -136,7 +137,7 @@ def fit(
         model, train_loader, val_loader, cfg=cfg.trainer, epochs=epochs,
         num_classes=cfg.dataset.num_classes, class_names=dataset_classes(cfg.dataset.name).names,
         out_dir=plan.out_dir, model_config=model_cfg,
-        log=tracker.log_metrics, device=device, run_info=run_info,
+        log=tracker.log_metrics, device=device, run_info=run_info, eval_cfg=cfg.eval,
     )
     if plan.resuming:
         trainer.restore(plan.checkpoint, plan.checkpoint_path)
@@ -305,7 +306,7 @@ def eval_task(cfg: DictConfig, tracker: Tracker) -> float:
     device = resolve_device(cfg.trainer.device)
     _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed)
     with tracker.run(f"eval-{path.stem}", run_params(cfg) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None)):
-        result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress)
+        result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress, eval_cfg=cfg.eval)
         tracker.log_metrics(epoch_metrics(result, dataset_classes(cfg.dataset.name).names), 0)
-    print(f"{path}: val mIoU {100 * result['miou']:.2f}, pixel acc {100 * result['pixel_acc']:.2f}")
+    print(f"{path}: val mIoU {100 * result['miou']:.2f}, pixel acc {100 * result['pixel_acc']:.2f} (eval {eval_settings(cfg.eval).describe()})")
     return result["miou"]

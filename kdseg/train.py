@@ -25,6 +25,7 @@ from kdseg import dist
 from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from kdseg.errors import CheckpointError, ConfigError, NonFiniteLossError
+from kdseg.inference import eval_settings, predict
 from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.resume import rng_state, set_rng_state
@@ -116,12 +117,17 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    eval_cfg: Any = None,
 ) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole loader.
+
+    ``eval_cfg`` (the ``eval`` config) picks how each batch is predicted
+    (:func:`kdseg.inference.predict`); ``None`` is one pass of the model on the whole image.
 
     The matrix is accumulated on ``device`` and read back once at the end (no per-batch sync).
     A sharded loader (DDP) is evaluated by all ranks together: the matrices are summed.
     """
+    settings = eval_settings(eval_cfg)
     was_training = model.training
     model.eval()
     dist.sync_buffers(model, loader)
@@ -131,7 +137,7 @@ def evaluate(
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast:
-            logits = model(images)
+            logits = predict(model, images, settings)
         matrix.update(logits.argmax(1), masks)
     dist.reduce_confusion(matrix.mat, loader)
     model.train(was_training)
@@ -203,8 +209,10 @@ class Trainer:
         log: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
         device: torch.device | None = None,
         run_info: dict | None = None,
+        eval_cfg: Any = None,
     ) -> None:
         self.cfg = cfg
+        self.eval_cfg = eval_cfg  # the ``eval`` config of every per-epoch evaluation
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.student = model.student
@@ -301,7 +309,7 @@ class Trainer:
                 metrics["train/amp_skipped_steps"] = skipped
             improved = False
             if epoch % cfg.eval_every == 0 or epoch == self.epochs:
-                result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress)
+                result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress, self.eval_cfg)
                 metrics |= epoch_metrics(result, self.class_names)
                 self.last_result = result
                 improved = result["miou"] > self.best_miou
