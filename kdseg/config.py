@@ -18,13 +18,14 @@ DATASETS = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k")
 VOC_SPLIT_KEYS = ("image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REQUIRED = {
-    "dataset": ("name", "root", "num_classes", "base_size", "crop_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
+    "dataset": ("name", "root", "num_classes", "base_size", "crop_size", "eval_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
     "student": ("encoder_name", "classes", "output_stride"),
     "teacher": ("model", "checkpoint", "bn_mode", "grad", "seed"),
     "loss": ("pi_lambda", "pa_lambda", "terms"),
     "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp",
                 "channels_last", "cudnn_benchmark", "deterministic", "compile", "compile_mode", "num_threads", "pin_memory", "persistent_workers", "resume"),
     "eval": ("mode", "crop", "stride", "scales", "flip"),
+    "speed": ("enabled", "repeats", "warmup"),
 }
 
 
@@ -85,6 +86,14 @@ def validate(cfg: DictConfig) -> None:
         ds.crop_size % 16 == 0, "dataset.crop_size", ds.crop_size,
         "a multiple of 16 (DeepLabV3+ needs input sizes divisible by 16: the output stride and the decoder's x4 upsampling)",
     )
+    size = OmegaConf.to_object(ds.eval_size) if OmegaConf.is_list(ds.eval_size) else ds.eval_size
+    _require(
+        isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 and v % 16 == 0 for v in size),
+        "dataset.eval_size", size, "[height, width], multiples of 16 (where GFLOPs and FPS are measured)",
+    )
+    _require(isinstance(cfg.speed.enabled, bool), "speed.enabled", cfg.speed.enabled, "true or false")
+    _positive_int(cfg, "speed.repeats")
+    _positive_int(cfg, "speed.warmup", minimum=0)
     lo_hi = list(ds.scale_range)
     _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], "dataset.scale_range", lo_hi, "[min, max] with 0 < min <= max")
     _require(0 <= ds.blur_prob <= 1, "dataset.blur_prob", ds.blur_prob, "a probability in [0, 1]")

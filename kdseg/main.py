@@ -26,6 +26,7 @@ from kdseg.distill import Distiller, build_terms, term_label
 from kdseg.errors import ConfigError, KdsegError
 from kdseg.inference import eval_settings
 from kdseg.models import count_params
+from kdseg.profile import model_stats, stats_metrics
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit, run_params
@@ -166,6 +167,8 @@ def train_teacher(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan
             cfg, tracker, Distiller(teacher), datasets, plan, cfg.trainer.teacher_epochs,
             model_config(cfg.teacher.model), cfg.teacher.seed,
         )
+        if dist.is_main():
+            log_speed(cfg, tracker, {"teacher": teacher}, result["device"])
     print(f"teacher val mIoU {100 * result['final_miou']:.2f} -> {result['last_checkpoint']}")
     return result
 
@@ -254,6 +257,7 @@ def distill(cfg: DictConfig, tracker: Tracker) -> float:
         result = fit(cfg, tracker, model, datasets, plan, cfg.trainer.epochs, model_config(cfg.student), cfg.seed)
         if dist.is_main():
             finish(cfg, tracker, out_dir, result, student, teacher, label)
+            log_speed(cfg, tracker, {"student": student, "teacher": teacher}, result["device"])
     print(f"\nstudent {cfg.student.encoder_name} ({label}) val mIoU: {100 * result['final_miou']:.2f} (best {100 * result['best_miou']:.2f})")
     if teacher_miou is not None:
         print(f"teacher {cfg.teacher.model.encoder_name} val mIoU: {100 * teacher_miou:.2f}")
@@ -261,6 +265,19 @@ def distill(cfg: DictConfig, tracker: Tracker) -> float:
     if run_id:
         print(f"MLflow run {run_id} in {tracker.tracking_uri}\nbrowse: mlflow ui --backend-store-uri {tracker.tracking_uri}")
     return result["final_miou"]
+
+
+def log_speed(cfg: DictConfig, tracker: Tracker, models: dict[str, nn.Module | None], device: torch.device) -> None:
+    """Measure each model's real-time figures at ``dataset.eval_size`` and log them as ``speed/<name>_*``."""
+    if not cfg.speed.enabled:
+        return
+    size = tuple(cfg.dataset.eval_size)
+    for name, model in models.items():
+        if model is not None:
+            stats = model_stats(model, size, device, cfg.speed.repeats, cfg.speed.warmup)
+            tracker.log_metrics({k: v for k, v in stats_metrics(stats, name).items() if k.startswith("speed/")}, 0)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    tracker.set_tags({"speed_device": f"{where}, batch 1 at {size[0]}x{size[1]}"})
 
 
 def finish(

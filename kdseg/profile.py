@@ -116,7 +116,7 @@ def model_stats(
     """
     height, width = check_input_size(model, input_size)
     device = torch.device(device)
-    x = torch.randn(1, channels, height, width, device=device)
+    x = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(0)).to(device)  # global RNG untouched
     with eval_on(model, device):
         flops = count_flops(model, x)
         latency_ms = measure_latency(model, x, repeats, warmup)

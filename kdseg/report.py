@@ -44,6 +44,8 @@ class RunRecord:
     peak_mib: float = math.nan
     start_ms: int | None = None
     end_ms: int | None = None
+    speed: dict[str, float] = field(default_factory=dict)
+    """``speed/<student|teacher>_{gflops,latency_ms,fps}`` metrics, without the ``speed/`` prefix."""
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
@@ -116,6 +118,7 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
                 peak_mib=metrics.get("memory/peak_mib", math.nan),
                 start_ms=run.info.start_time,
                 end_ms=run.info.end_time,
+                speed={k.removeprefix("speed/"): v for k, v in metrics.items() if k.startswith("speed/")},
             )
         )
     if sweep_id and not records and not unfinished:
@@ -159,6 +162,9 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
         }
         for name in ("final_miou", "best_miou", "pixel_acc", "epoch_s", "peak_mib"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in runs])
+        for name in SPEED:
+            row[f"{name}_mean"] = _mean_of(r.speed.get(f"student_{name}") for r in runs)
+        row["speed_device"] = runs[0].tags.get("speed_device", "")
         classes = dict.fromkeys(c for r in runs for c in r.iou)  # in class order, first seen first
         row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in classes}
         rows.append(row)
@@ -171,6 +177,15 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
     order = student_order(records)
     rows.sort(key=lambda r: (order.index(r["student"]), len(r["terms"]), [columns.index(t) for t in r["terms"]], str(r["varying"])))
     return rows
+
+
+SPEED = ("gflops", "latency_ms", "fps")
+"""The real-time figures of a model (kdseg.profile), averaged over the runs that measured them."""
+
+
+def _mean_of(values) -> float:
+    found = [v for v in values if v is not None]
+    return statistics.fmean(found) if found else math.nan
 
 
 def _add_paired_gains(rows: list[dict]) -> None:
@@ -226,7 +241,7 @@ def teacher_row(records: Sequence[RunRecord]) -> dict | None:
         "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),
         "params_m": _number(params.get("params/teacher_m")),
-    }
+    } | {f"{name}_mean": _mean_of(r.speed.get(f"teacher_{name}") for r in records) for name in SPEED}
 
 
 TERM_KEY = re.compile(r"^loss\.terms\.([^.]+)\.")
@@ -282,11 +297,12 @@ def to_markdown(
     varying = extra_columns(rows)
     columns = rows[0]["term_columns"] if rows else []
     head = ["model", *columns, *varying, "seeds", "mIoU final (%)", "mIoU best (%)", "Δ vs none, paired (pts)",
-            "pixel acc (%)", "s / epoch", "peak mem (MiB)", "params (M)"]
+            "pixel acc (%)", "s / epoch", "peak mem (MiB)", "params (M)", "GFLOPs", "FPS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if teacher:
         cells = [f"Teacher {teacher['name']}", *[""] * (len(columns) + len(varying)), str(teacher["n"]),
-                 f"{100 * teacher['miou_mean']:.2f}", "", "", "", "", "", f"{teacher['params_m']:.1f}"]
+                 f"{100 * teacher['miou_mean']:.2f}", "", "", "", "", "", f"{teacher['params_m']:.1f}",
+                 _cost(teacher["gflops_mean"], 2), _cost(teacher["fps_mean"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
         cells = [
@@ -301,9 +317,14 @@ def to_markdown(
             _cost(row["epoch_s_mean"], 1),
             _cost(row["peak_mib_mean"], 0),
             f"{row['params_m']:.1f}",
+            _cost(row["gflops_mean"], 2),
+            _cost(row["fps_mean"], 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    devices = sorted({r["speed_device"] for r in rows if r["speed_device"]})
+    if devices:
+        text += f"\nGFLOPs (a multiply-add = 2) and FPS (median latency, fp32): {'; '.join(devices)}\n"
     if wall_s is not None:
         runs = sum(len(r["seeds"]) for r in rows)
         text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first start to last end; a teacher trained for them is not included)\n"
@@ -317,7 +338,8 @@ def to_csv(rows: Sequence[dict]) -> str:
     out = io.StringIO()
     fields = ["student", "loss", "terms", "varying", "n_seeds", "seeds", "final_miou_mean", "final_miou_std",
               "best_miou_mean", "best_miou_std", "gain_mean", "gain_std", "gain_n", "pixel_acc_mean", "pixel_acc_std",
-              "epoch_s_mean", "epoch_s_std", "peak_mib_mean", "peak_mib_std", "params_m", "run_ids"]
+              "epoch_s_mean", "epoch_s_std", "peak_mib_mean", "peak_mib_std", "params_m", "gflops_mean", "latency_ms_mean",
+              "fps_mean", "run_ids"]
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     for row in rows:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
-SMOKE = ["trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64"]
+SMOKE = ["trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64", "speed.repeats=2", "speed.warmup=1"]
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -167,6 +167,10 @@ def test_cfg_job_prints_resolved_pi_lambda():
         ("dataset.on_bad_sample=ignore", "dataset.on_bad_sample"),
         ("trainer.resume=''", "trainer.resume"),
         ("loss.terms.pi.weight=-5", "loss.terms.pi.weight"),
+        ("dataset.eval_size=[64,60]", "dataset.eval_size"),
+        ("dataset.eval_size=64", "dataset.eval_size"),
+        ("speed.repeats=0", "speed.repeats"),
+        ("speed.enabled=maybe", "speed.enabled"),
     ],
 )
 def test_validation_names_the_bad_key(make_cfg, override, key):

@@ -34,8 +34,14 @@ def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
     assert mrun.data.params["loss.pi_lambda"] == "100"
     assert mrun.data.tags["task"] == "distill" and mrun.data.tags["loss"] == "pi+pa"
     assert math.isclose(mrun.data.metrics["val/miou"], miou)
-    for key in ("train/loss_ce", "train/loss_pi", "train/loss_pa", "train/lr", "val/pixel_acc", "time/epoch_s", "throughput/img_s", "teacher/val_miou"):
+    for key in ("train/loss_ce", "train/loss_pi", "train/loss_pa", "train/lr", "val/pixel_acc", "time/epoch_s", "throughput/img_s", "teacher/val_miou",
+                "memory/peak_mib", "speed/student_gflops", "speed/student_latency_ms", "speed/student_fps", "speed/teacher_gflops", "speed/teacher_fps"):
         assert key in mrun.data.metrics, key
+    # the real-time figures at the dataset's eval size: ResNet-18 < ResNet-101, fps = 1000 / latency
+    metrics = mrun.data.metrics
+    assert 0 < metrics["speed/student_gflops"] < metrics["speed/teacher_gflops"]
+    assert metrics["speed/student_fps"] == pytest.approx(1000 / metrics["speed/student_latency_ms"])
+    assert mrun.data.tags["speed_device"] == "cpu, batch 1 at 64x64"
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(mrun.info.run_id, "checkpoints")}
     assert {"predictions.png", "per_class_iou.md", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts

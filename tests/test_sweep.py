@@ -38,6 +38,11 @@ def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
     assert len(sweep_ids) == 1 and sweep_ids != {""}
     (sweep_id,) = sweep_ids
 
+    # the real-time figures: columns of the summary, from the runs' speed/* metrics
+    header = (sweep_dir / "summary.md").read_text().splitlines()[0]
+    assert header.endswith("| params (M) | GFLOPs | FPS |")
+    gflops = {f"{r.data.metrics['speed/student_gflops']:.2f}" for r in children}
+    assert len(gflops) == 1 and f"| 12.3 | {gflops.pop()} |" in (sweep_dir / "summary.md").read_text()
     csv_rows = (sweep_dir / "summary.csv").read_text().splitlines()
     assert len(csv_rows) == 3
     md = (sweep_dir / "summary.md").read_text()
