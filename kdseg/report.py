@@ -327,7 +327,7 @@ def to_markdown(
         text += f"\nGFLOPs (a multiply-add = 2) and FPS (median latency, fp32): {'; '.join(devices)}\n"
     if wall_s is not None:
         runs = sum(len(r["seeds"]) for r in rows)
-        text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first start to last end; a teacher trained for them is not included)\n"
+        text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first run's start to last run's end)\n"
     if unfinished:
         text += f"\n{len(unfinished)} run(s) not finished or without val/miou, left out: {', '.join(unfinished)}\n"
     return text
