@@ -205,6 +205,7 @@ def _add_paired_gains(rows: list[dict]) -> None:
         base = baselines.get(context(row))
         seeds = sorted(set(row["by_seed"]) & set(base["by_seed"])) if base is not None and row["terms"] else []
         diffs = [row["by_seed"][s] - base["by_seed"][s] for s in seeds]
+        row["gain_by_seed"] = dict(zip(seeds, diffs))
         row["gain_n"] = len(diffs)
         row["gain_mean"], row["gain_std"] = mean_std(diffs) if diffs else (math.nan, math.nan)
 

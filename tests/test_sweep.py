@@ -95,7 +95,7 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
         assert summary[0].startswith("| model | kd | fitnet | seeds |")
         assert [row.split(" | ")[1:3] for row in summary[3:6]] == [["-", "-"], ["✓", "-"], ["-", "✓"]]
         assert " (1) |" in summary[4] and " (1) |" in summary[5]
-        assert (sweep_dir / "qualitative_resnet18.png").is_file()
+        assert (sweep_dir / "qualitative_resnet18.png").is_file() and (sweep_dir / "gains.png").is_file()
 
 
 def _record(student: str, size: str, weights: dict[str, str], seed: int, miou: float):
@@ -145,6 +145,18 @@ def test_summary_gain_is_paired_by_seed_against_the_same_students_baseline():
     assert rows[("r18", "pi")]["gain_n"] == 0 and rows[("mbv2", "kd")]["gain_n"] == 0
     assert rows[("r18", "none")]["gain_n"] == 0
     assert "| +2.67 ± 1.53 (3) |" in to_markdown(list(rows.values()))
+    assert gain["gain_by_seed"] == pytest.approx({0: 0.03, 1: 0.01, 2: 0.04})
+
+
+def test_gain_figure_only_for_rows_with_a_paired_baseline(tmp_path):
+    from kdseg.report import summarize
+    from kdseg.viz import save_gain_figure
+
+    lone = [_record("r18", "12.3", {"pi": "100", "pa": "0", "kd": "0"}, 0, 0.5)]
+    assert save_gain_figure(tmp_path / "none.png", summarize(lone)) is None and not (tmp_path / "none.png").exists()
+    paired = lone + [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, 0, 0.4)]
+    path = save_gain_figure(tmp_path / "gains.png", summarize(paired))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
