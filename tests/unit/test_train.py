@@ -1,21 +1,17 @@
-"""A NaN / inf loss stops the run naming the term and iteration; fp16 skipped steps are not errors."""
+"""The training loop (kdseg.train): the NaN / inf guard, fp16 skipped steps, and a distillation step on CUDA."""
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdseg.checkpoint import load_checkpoint
 from kdseg.distill import Distiller
 from kdseg.errors import NonFiniteLossError
-from kdseg.main import run
-from kdseg.resume import read_run
-from kdseg.train import NonFiniteGuard, Trainer
+from kdseg.losses import PairwiseLoss, PixelwiseLoss
+from kdseg.models import build_model
+from kdseg.train import NonFiniteGuard, Trainer, evaluate
 
 
 def test_guard_names_the_first_bad_term_and_iteration():
@@ -28,31 +24,6 @@ def test_guard_names_the_first_bad_term_and_iteration():
     guard.add(4, torch.tensor(float("nan")), {"ce": torch.tensor(float("nan")), "pi": torch.tensor(0.5)})
     with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at iteration 3: loss_pi = inf, loss = inf; training stopped, see$"):
         guard.check(", see")
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path, monkeypatch):
-    original, calls = Distiller.forward, itertools.count(1)
-
-    def forward(self, images, masks):
-        total, parts, logits = original(self, images, masks)
-        if next(calls) == 6:  # epoch 2 (4 iterations per epoch), second iteration
-            total, parts = total * float("nan"), {**parts, "ce": parts["ce"] * float("nan")}
-        return total, parts, logits
-
-    monkeypatch.setattr(Distiller, "forward", forward)
-    cfg = make_cfg("loss=none", "dataset.num_train=8", "trainer.max_iters=null", "trainer.epochs=3", "logger.run_name=nan-run")
-    last = tmp_path / "out" / "last.pt"
-    message = (rf"non-finite loss at iteration 6: loss_ce = nan, loss = nan; training stopped; "
-               rf"the last good checkpoint is '{last}' \(epoch 1\)")
-    with pytest.raises(NonFiniteLossError, match=message):
-        run(cfg)
-    ckpt = load_checkpoint(last)
-    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-    assert read_run(tmp_path / "out")["status"] == "failed"
-    client = MlflowClient(cfg.logger.tracking_uri)
-    (mrun,) = client.search_runs([client.get_experiment_by_name("kdseg").experiment_id], "attributes.run_name = 'nan-run'")
-    assert mrun.info.status == "FAILED"
 
 
 class Toy(nn.Module):
@@ -83,3 +54,29 @@ def test_fp16_skipped_steps_are_counted_not_errors(make_cfg, tmp_path):
     skipped = logged[0]["train/amp_skipped_steps"]
     assert 1 <= skipped < 8 and trainer.iteration == 8
     assert trainer.scaler.get_scale() == 65536.0 / 2**skipped
+
+
+@pytest.mark.gpu
+def test_distillation_step_and_evaluation_on_cuda_with_amp_auto(make_cfg, tmp_path):
+    """The default speed switches on a GPU: autocast in bf16 (fp16 + GradScaler where bf16 is missing),
+    channels_last, the frozen teacher left untouched, finite losses, and an evaluation under autocast."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet18", classes=21), build_model("resnet18", classes=21)
+    model = Distiller(student, teacher, {"pi": PixelwiseLoss(100), "pa": PairwiseLoss(1)}, input_size=64)
+    frozen = {name: value.clone() for name, value in teacher.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(2, 3, 64, 64, generator=generator), torch.randint(0, 21, (2, 64, 64), generator=generator)
+    batches = [(images, masks)]
+    trainer = Trainer(model, batches, batches, cfg=make_cfg("trainer.device=cuda").trainer, epochs=1, num_classes=21,
+                      out_dir=tmp_path, model_config={}, device=device)
+    bf16 = torch.cuda.is_bf16_supported()
+    assert trainer.amp_dtype == (torch.bfloat16 if bf16 else torch.float16) and trainer.scaler.is_enabled() is not bf16
+    assert trainer.memory_format == torch.channels_last
+    loss, parts, _ = trainer.train_step(images, masks)
+    assert loss.is_cuda and set(parts) == {"ce", "pi", "pa"}
+    assert torch.isfinite(loss) and all(torch.isfinite(value) for value in parts.values())
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value.cpu(), frozen[name]), name
+    result = evaluate(trainer.student, batches, 21, device, trainer.amp_dtype)
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["pixel_acc"] <= 1.0
