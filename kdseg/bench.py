@@ -69,6 +69,8 @@ LABELS = {
 }
 MEMORY_STEPS = 3
 MEMORY_TAG = "KDSEG_MEMORY "
+STDERR_TAIL = 2000
+"""Characters of a failed memory subprocess's stderr quoted in the error (its traceback's end)."""
 DEFAULT_THREADS = torch.get_num_threads()
 
 
@@ -301,7 +303,7 @@ def measure_memory(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         stdout, stderr = proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith(MEMORY_TAG)]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"memory measurement of '{mode}' failed (exit {proc.returncode}):\n{stderr[-2000:]}")
+            raise RuntimeError(f"memory measurement of '{mode}' failed (exit {proc.returncode}):\n{stderr[-STDERR_TAIL:]}")
         record = json.loads(lines[-1][len(MEMORY_TAG):])
         out[mode] = {"peak_mib": record["peak_mib"], "above_baseline_mib": record["peak_mib"] - record["baseline_mib"]}
     return out

@@ -16,6 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kdseg.errors import ConfigError
 
+CLOSE_MATCHES = 5
+"""How many close matches an unknown encoder or module path error suggests."""
 INPUT_MULTIPLE = 16
 """Every side of a DeepLabV3+ input must be a multiple of this: the encoder's output stride (16),
 or 8 followed by the decoder's x4 upsampling that must land on the stride-4 features. Crops,
@@ -33,7 +35,7 @@ def check_encoder(name: str, key: str | None = None) -> None:
     valid = encoder_names()
     if name in valid:
         return
-    close = ", ".join(difflib.get_close_matches(str(name), valid, n=5))
+    close = ", ".join(difflib.get_close_matches(str(name), valid, n=CLOSE_MATCHES))
     names = f"Valid smp encoders: {', '.join(valid)}"
     if key is not None:
         hint = f"; did you mean {close}?" if close else ""
@@ -114,7 +116,7 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(path, names, n=CLOSE_MATCHES, cutoff=0.5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ConfigError(f"tap module path '{path}' not found in {type(model).__name__}{hint}") from None
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from kdseg.config import ConfigError
 
-from ..conftest import CONF_DIR, ROOT
+from ..conftest import ROOT
 
 BASELINES = {"kd": 1, "cwd": 3, "at": 10000, "fitnet": 1, "dist": 1, "ifvd": 200}
 """Each baseline's option switches on its own term at its reference weight."""

@@ -6,11 +6,8 @@ import math
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from kdseg.checkpoint import model_config, save_checkpoint
-from kdseg.metrics import ConfusionMatrix
 from kdseg.models import build_model
 from kdseg.tasks import run
 

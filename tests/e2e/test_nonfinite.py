@@ -5,9 +5,7 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from torch import nn
 
 from kdseg.checkpoint import load_checkpoint
 from kdseg.distill import Distiller

@@ -1,10 +1,6 @@
 """DDP plumbing (kdseg.dist): the one-process code path (the torchrun runs: e2e/test_ddp.py)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.data import RandomSampler
@@ -12,8 +8,6 @@ from torch.utils.data import RandomSampler
 from kdseg import dist
 from kdseg.data import build_loaders
 from kdseg.models import FeatureTaps
-
-from ..conftest import ROOT
 
 
 def test_shard_sampler_covers_the_split_once_without_padding():

@@ -17,7 +17,6 @@ import pytest
 from ..conftest import ROOT
 
 
-
 def modules_of(package_dir: Path) -> dict[str, Path]:
     """Module name -> file of every module of the package at ``package_dir`` (``kdseg/data/__init__.py`` -> ``kdseg.data``)."""
     out = {}

@@ -1,14 +1,7 @@
 """The sweep summary (kdseg.report): row order and the gain over the baseline, paired by seed."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-from ..conftest import ROOT, SMOKE
 
 
 def _record(student: str, size: str, weights: dict[str, str], seed: int, miou: float):
