@@ -56,7 +56,8 @@ def cache_path(cfg: DictConfig) -> Path:
 
 
 def trainer_config(cfg: DictConfig) -> DictConfig:
-    """The ``trainer`` config a teacher trains with: the student's, with ``teacher.train``'s settings in place."""
+    """The ``trainer`` config a teacher trains with: the student's, with ``teacher.train``'s settings
+    (its epochs and the shared ones it may set itself) in place."""
     shared = {key: value for key, value in cfg.teacher.train.items() if key in cfg.trainer}
     return OmegaConf.merge(cfg.trainer, shared)
 

@@ -170,3 +170,25 @@ def test_unknown_encoder_lists_close_and_valid_names(make_cfg, key):
     with pytest.raises(ConfigError, match=rf"config {key.replace('.', '[.]')}='resnet19': unknown encoder; did you mean resnet18") as err:
         validate(cfg)
     assert "Valid smp encoders: " in str(err.value) and "mobilenet_v2" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+trainer.batchsize=4", "config key trainer.batchsize is not a kdseg setting"),
+        ("~trainer.epochs", "config key trainer.epochs is missing"),
+        ("trainer.batch_size='3'", "config trainer.batch_size='3': expected an integer >= 1"),
+        ("trainer.deterministic=1", "config trainer.deterministic=1: expected true or false"),
+        ("trainer.amp=fp8", "config trainer.amp='fp8': expected one of auto, bf16, fp16, off"),
+        ("student.output_stride=32", "config student.output_stride=32: expected one of 8, 16"),
+        ("trainer.batch_size=0", "config trainer.batch_size=0: expected"),  # where it is set, not teacher.train's copy
+        ("teacher.train.epochs=0", "config teacher.train.epochs=0: expected an integer >= 1"),
+        ("dataset.image_size=40", "config dataset.crop_size=40 (from ${.image_size}): expected a multiple of 16"),
+        ("trainer.channels_last=yes", "config trainer.channels_last='yes': expected one of auto, true, false"),
+    ],
+)
+def test_schema_errors_are_one_line_naming_key_value_and_expectation(make_cfg, override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(override))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+

@@ -56,6 +56,14 @@ def test_fp16_skipped_steps_are_counted_not_errors(make_cfg, tmp_path):
     assert trainer.scaler.get_scale() == 65536.0 / 2**skipped
 
 
+def test_a_trainer_sets_no_process_wide_switch(make_cfg, tmp_path):
+    """Threads and cuDNN flags belong to the process: set once when a task starts (kdseg.runtime), never by a Trainer."""
+    before = torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    cfg = make_cfg(f"trainer.num_threads={before[0] + 1}", "trainer.deterministic=true", "trainer.cudnn_benchmark=true").trainer
+    Trainer(Toy(), [None], [None], cfg=cfg, epochs=1, num_classes=21, out_dir=tmp_path, model_config={}, device=torch.device("cpu"))
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == before
+
+
 @pytest.mark.gpu
 def test_distillation_step_and_evaluation_on_cuda_with_amp_auto(make_cfg, tmp_path):
     """The default speed switches on a GPU: autocast in bf16 (fp16 + GradScaler where bf16 is missing),
