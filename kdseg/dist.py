@@ -59,7 +59,6 @@ def _submitit_num_tasks() -> int:
     try:
         import submitit  # only SLURM jobs need it: not imported by every run
 
-
         return submitit.JobEnvironment().num_tasks
     except Exception:  # not a submitit job after all
         return 1

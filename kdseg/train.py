@@ -137,6 +137,9 @@ class Trainer:
     the network being trained as ``model.student``. After every epoch ``last.pt`` holds
     the full training state (weights, optimizer, lr schedule, AMP scaler, epoch, iteration,
     best metric, metric history, RNG states) and :meth:`restore` continues from it.
+
+    It sets nothing process-wide: threads and cuDNN flags are the task's
+    (:func:`kdseg.runtime.configure_backends`, once when it starts).
     """
 
     def __init__(
