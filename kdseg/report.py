@@ -208,6 +208,7 @@ def _add_paired_gains(rows: list[dict]) -> None:
         base = baselines.get(context(row))
         seeds = sorted(set(row["by_seed"]) & set(base["by_seed"])) if base is not None and row["terms"] else []
         diffs = [row["by_seed"][s] - base["by_seed"][s] for s in seeds]
+        row["gain_by_seed"] = dict(zip(seeds, diffs))
         row["gain_n"] = len(diffs)
         row["gain_mean"], row["gain_std"] = mean_std(diffs) if diffs else (math.nan, math.nan)
 
@@ -330,7 +331,7 @@ def to_markdown(
         text += f"\nGFLOPs (a multiply-add = 2) and FPS (median latency, fp32): {'; '.join(devices)}\n"
     if wall_s is not None:
         runs = sum(len(r["seeds"]) for r in rows)
-        text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first start to last end; a teacher trained for them is not included)\n"
+        text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first run's start to last run's end)\n"
     if unfinished:
         text += f"\n{len(unfinished)} run(s) not finished or without val/miou, left out: {', '.join(unfinished)}\n"
     return text

@@ -17,6 +17,7 @@ from kdseg.dist import is_main
 from kdseg.figure import qualitative_figure
 from kdseg.report import extra_columns, load_runs, student_order, summarize, write_summary
 from kdseg.tracking import Tracker
+from kdseg.viz import save_gain_figure
 
 SWEEP_ID_CHARS = 10
 """Hex digits of a sweep id (the ``sweep_id`` tag of every run of a multirun): short enough to
@@ -89,6 +90,7 @@ class SweepSummary(Callback):
         records, unfinished = load_runs(tracking_uri, config.logger.experiment_name, sweep_id)
         md, csv_path, rows = write_summary(sweep_dir, records, unfinished)
         figure = sweep_figure(sweep_dir / "qualitative.png", records)
+        gains = save_gain_figure(sweep_dir / "gains.png", rows)
         tracker = Tracker(tracking_uri, config.logger.experiment_name)
         params = {"n_runs": len(records), "sweep_dir": str(sweep_dir.resolve())}
         with tracker.run(f"summary-{sweep_id}", params, {"task": "summary", "sweep_id": sweep_id, "kdseg.summary": "true"}):
@@ -103,7 +105,7 @@ class SweepSummary(Callback):
                     "epoch_s": row["epoch_s_mean"], "peak_mib": row["peak_mib_mean"],
                 }
                 tracker.log_metrics({f"summary/{label}/{k}": v for k, v in values.items() if math.isfinite(v)}, 0)
-            for artifact in (md, csv_path, figure):
+            for artifact in (md, csv_path, figure, gains):
                 if artifact is not None:
                     tracker.log_artifact(artifact)
         print(f"\nsweep {sweep_id}: {len(records)} runs summarised -> {md}\n")

@@ -66,3 +66,38 @@ def save_prediction_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str | None = None) -> Path | None:
+    """Paired gains over the baseline, one bar per distilled setting (mIoU points, mean ± std over
+    seeds) with each seed's difference as a dot; rows as :func:`kdseg.report.summarize` gives them.
+
+    None when no row has a paired baseline.
+    """
+    import matplotlib  # imported when a figure is drawn, as in save_prediction_grid
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("gain_n")]
+    if not rows:
+        return None
+    labels = [f"{r['student']} + {' + '.join(r['terms'])}" for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2))
+    for i, row in enumerate(rows):
+        mean, std = 100 * row["gain_mean"], 100 * row["gain_std"]
+        ax.barh(i, mean, xerr=std, color="tab:green" if mean - std > 0 else "tab:red" if mean + std < 0 else "tab:gray",
+                alpha=0.6, capsize=3)
+        seeds = list(row["gain_by_seed"].values())
+        ax.scatter([100 * d for d in seeds], [i] * len(seeds), color="black", s=12, zorder=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("val mIoU gain over the baseline, paired by seed (points)")
+    ax.set_title(title or "mean ± std over seeds; dots: seeds", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

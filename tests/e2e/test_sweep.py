@@ -119,7 +119,7 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep, form):
         assert summary[0].startswith("| model | kd | fitnet | seeds |")
         assert [row.split(" | ")[1:3] for row in summary[3:6]] == [["-", "-"], ["✓", "-"], ["-", "✓"]]
         assert " (1) |" in summary[4] and " (1) |" in summary[5]
-        assert (sweep_dir / "qualitative_resnet18.png").is_file()
+        assert (sweep_dir / "qualitative_resnet18.png").is_file() and (sweep_dir / "gains.png").is_file()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The sweep summary (kdseg.report): row order and the gain over the baseline, paired by seed."""
+"""The sweep summary (kdseg.report): row order and the gain over the baseline, paired by seed, and its figure (kdseg.viz)."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +51,15 @@ def test_summary_gain_is_paired_by_seed_against_the_same_students_baseline():
     assert rows[("r18", "pi")]["gain_n"] == 0 and rows[("mbv2", "kd")]["gain_n"] == 0
     assert rows[("r18", "none")]["gain_n"] == 0
     assert "| +2.67 ± 1.53 (3) |" in to_markdown(list(rows.values()))
+    assert gain["gain_by_seed"] == pytest.approx({0: 0.03, 1: 0.01, 2: 0.04})
+
+
+def test_gain_figure_only_for_rows_with_a_paired_baseline(tmp_path):
+    from kdseg.report import summarize
+    from kdseg.viz import save_gain_figure
+
+    lone = [_record("r18", "12.3", {"pi": "100", "pa": "0", "kd": "0"}, 0, 0.5)]
+    assert save_gain_figure(tmp_path / "none.png", summarize(lone)) is None and not (tmp_path / "none.png").exists()
+    paired = lone + [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, 0, 0.4)]
+    path = save_gain_figure(tmp_path / "gains.png", summarize(paired))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
