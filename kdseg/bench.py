@@ -37,7 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,10 @@ from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.distill import Distiller, build_terms
-from kdseg.memory import MIB, current_memory, peak_memory
+from kdseg.memory import current_memory, peak_memory
 from kdseg.metrics import ConfusionMatrix
-from kdseg.train import Trainer, amp_policy, auto_flag, configure_backends, evaluate, resolve_device, seed_everything
+from kdseg.runtime import amp_policy, auto_flag, configure_backends, resolve_device, seed_everything
+from kdseg.train import Trainer, evaluate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TRAIN_MODES = ("student", "distill", "reference")
@@ -67,6 +69,8 @@ LABELS = {
 }
 MEMORY_STEPS = 3
 MEMORY_TAG = "KDSEG_MEMORY "
+STDERR_TAIL = 2000
+"""Characters of a failed memory subprocess's stderr quoted in the error (its traceback's end)."""
 DEFAULT_THREADS = torch.get_num_threads()
 
 
@@ -124,7 +128,7 @@ def bench_config(args: argparse.Namespace) -> DictConfig:
 
 
 def make_loaders(cfg: DictConfig, device: torch.device, **changes: Any) -> tuple[DataLoader, DataLoader]:
-    """Train and val loaders as ``kdseg.main.fit`` builds them (``changes`` override trainer keys)."""
+    """Train and val loaders as ``kdseg.job.fit`` builds them (``changes`` override trainer keys)."""
     tr = OmegaConf.merge(cfg.trainer, changes)
     return build_loaders(
         *build_datasets(cfg.dataset), tr.batch_size, tr.num_workers, cfg.seed,
@@ -169,10 +173,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def apply_backends(trainer: Trainer) -> None:
-    """Re-apply a trainer's process-wide switches (threads, cuDNN) before timing it."""
+@contextmanager
+def backends_of(trainer: Trainer | None) -> Iterator[None]:
+    """Within the block, the process-wide switches (threads, cuDNN) of ``trainer``'s config; the
+    ones in force before are restored after it. ``None``: the switches as they are."""
+    if trainer is None:
+        yield
+        return
+    saved = torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     torch.set_num_threads(trainer.cfg.num_threads or DEFAULT_THREADS)
     configure_backends(trainer.cfg, trainer.device)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]
 
 
 def round_robin(
@@ -183,21 +198,19 @@ def round_robin(
     Each function comes with the trainer whose process-wide switches it runs under (or None).
     """
     for trainer, fn in calls.values():
-        if trainer is not None:
-            apply_backends(trainer)
-        for _ in range(warmup):
-            fn()
+        with backends_of(trainer):
+            for _ in range(warmup):
+                fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, (trainer, fn) in calls.items():
-            if trainer is not None:
-                apply_backends(trainer)
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iterations):
-                fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) / iterations)
+            with backends_of(trainer):
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iterations):
+                    fn()
+                sync(device)
+                times[name].append((time.perf_counter() - t0) / iterations)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -259,6 +272,7 @@ def memory_child(args: argparse.Namespace) -> None:
     """Subprocess entry: a few steps of one training mode, then its memory as one tagged JSON line."""
     cfg = bench_config(args)
     device = resolve_device(cfg.trainer.device)
+    configure_backends(cfg.trainer, device)
     loaders = make_loaders(cfg, device)
     batch = random_batch(args.batch, args.crop, cfg.dataset.num_classes, device)
     if device.type == "cuda":
@@ -272,7 +286,7 @@ def memory_child(args: argparse.Namespace) -> None:
     print(MEMORY_TAG + json.dumps({"mode": args.memory_child, "baseline_mib": baseline, "peak_mib": peak}), flush=True)
 
 
-def measure_memory(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, dict[str, float]]:
+def measure_memory(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     """Peak memory of each training mode, each in its own fresh process (run side by side)."""
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[1])
@@ -289,7 +303,7 @@ def measure_memory(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, d
         stdout, stderr = proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith(MEMORY_TAG)]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"memory measurement of '{mode}' failed (exit {proc.returncode}):\n{stderr[-2000:]}")
+            raise RuntimeError(f"memory measurement of '{mode}' failed (exit {proc.returncode}):\n{stderr[-STDERR_TAIL:]}")
         record = json.loads(lines[-1][len(MEMORY_TAG):])
         out[mode] = {"peak_mib": record["peak_mib"], "above_baseline_mib": record["peak_mib"] - record["baseline_mib"]}
     return out
@@ -333,7 +347,6 @@ def run_ablations(
             {"default": (default, lambda: default.train_step(*batch)), "variant": (variant, lambda: variant.train_step(*batch))},
             device, args.warmup, args.iterations, args.repeats,
         )
-        apply_backends(default)
         rows.append({"what": "distillation step", "switch": f"trainer.{key}", "default": resolved(default, key),
                      "variant": resolved(variant, key), "ratio": t["variant"] / t["default"]})
         del variant
@@ -419,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {}
     cfg = bench_config(args)
     device = resolve_device(cfg.trainer.device)
+    configure_backends(cfg.trainer, device)  # the process-wide switches, as a task sets them when it starts
     loaders = make_loaders(cfg, device)
     trainers = {mode: build_trainer(cfg, mode, device, loaders) for mode in TRAIN_MODES}
     batch = random_batch(args.batch, args.crop, cfg.dataset.num_classes, device)
@@ -435,10 +449,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"timing: {args.warmup} warm-up calls, then the median of {args.repeats} repeats of {args.iterations} calls\n", flush=True)
 
     t = round_robin(step_calls(trainers, batch), device, args.warmup, args.iterations, args.repeats)
-    apply_backends(trainers["distill"])
     t["loader"] = loader_seconds_per_batch(loaders[0], args.warmup, args.repeats)
     t_eval_img = eval_seconds_per_image(trainers["distill"], loaders[1], args.warmup, args.repeats)
-    memory = {} if args.no_memory else measure_memory(args, argv)
+    memory = {} if args.no_memory else measure_memory(argv)
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child")} | {"device": str(device)},
         "machine": describe_machine(device),

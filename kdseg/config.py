@@ -1,133 +1,161 @@
-"""Explicit validation of a composed config: every check runs before any data or model work."""
+"""Validation of a composed config, before any data or model work: the schema, then the cross-field checks.
+
+:func:`validate` merges the config into the schema (:mod:`kdseg.schema`) and turns what
+OmegaConf finds (a missing or unknown key, a value of the wrong type, a choice not offered)
+into one :class:`~kdseg.errors.ConfigError` line that names the key, the value and what was
+expected; then each field's own check (a range, a multiple), then :func:`cross_checks`.
+"""
 from __future__ import annotations
 
-import difflib
+import dataclasses
+import typing
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from kdseg.data.classes import dataset_classes
 from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
-from kdseg.data.voc import BAD_SAMPLE_POLICIES
 from kdseg.errors import ConfigError
 from kdseg.inference import eval_settings
+from kdseg.models import check_encoder
+from kdseg.schema import Check, Config
 
-__all__ = ["ConfigError", "validate"]
+__all__ = ["ConfigError", "cross_checks", "validate"]
 
-TASKS = ("distill", "teacher", "eval")
-DATASETS = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k")
 VOC_SPLIT_KEYS = ("image_dir", "mask_dir", "val_mask_dir", "train_list", "val_list")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-REQUIRED = {
-    "dataset": ("name", "root", "num_classes", "base_size", "crop_size", "eval_size", "scale_range", "blur_prob", "eval_mode", "on_bad_sample"),
-    "student": ("encoder_name", "classes", "output_stride"),
-    "teacher": ("model", "checkpoint", "bn_mode", "grad", "seed"),
-    "loss": ("pi_lambda", "pa_lambda", "terms"),
-    "trainer": ("epochs", "teacher_epochs", "max_iters", "batch_size", "num_workers", "base_lr", "base_batch", "head_lr_mult", "eval_every", "device", "amp",
-                "channels_last", "cudnn_benchmark", "deterministic", "compile", "compile_mode", "num_threads", "pin_memory", "persistent_workers", "resume"),
-    "eval": ("mode", "crop", "stride", "scales", "flip"),
-    "speed": ("enabled", "repeats", "warmup"),
-}
+"""The dataset keys of the VOC layout (a list file per split); the folder layouts' are ``SPLIT_KEYS``."""
+GENERATED_KEYS = ("num_train", "num_val", "image_size", "seed")
+"""The dataset keys a generated dataset is made from (and named after)."""
+
+
+def _bad(key: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(f"config {key}={value!r}: expected {expected}")
 
 
 def _require(cond: bool, key: str, value: object, expected: str) -> None:
     if not cond:
-        raise ConfigError(f"config {key}={value!r}: expected {expected}")
+        raise _bad(key, value, expected)
 
 
-def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key, value, f"an integer >= {minimum}")
+def _describe(annotation: Any) -> str:
+    """What a field of this type holds, in words."""
+    if typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return f"one of {', '.join(str(m.value) for m in annotation)}"
+    if typing.get_origin(annotation) in (list, typing.List):
+        return "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, "a value")
 
 
-def _check_encoder(cfg: DictConfig, key: str) -> None:
-    """An encoder smp can build; the error lists close matches and every valid name."""
-    from kdseg.models import encoder_names
+def _field(schema: type, name: str) -> tuple[Any, Check | None]:
+    """The type and check of field ``name`` of the schema dataclass ``schema``."""
+    hints = typing.get_type_hints(schema)
+    check = next((f.metadata.get("check") for f in dataclasses.fields(schema) if f.name == name), None)
+    return hints.get(name), check
 
-    name, valid = OmegaConf.select(cfg, key), encoder_names()
-    if name not in valid:
-        close = difflib.get_close_matches(str(name), valid, n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"config {key}={name!r}: unknown encoder{hint} Valid smp encoders: {', '.join(valid)}")
+
+def _schema_error(err: OmegaConfBaseException) -> ConfigError:
+    """One line for what OmegaConf found, naming the key (``full_key``), the value and what was expected."""
+    key = err.full_key or str(err.key)
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"config key {key} is missing")
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"config key {key} is not a kdseg setting (a typo? see `python run.py --cfg job` for every key)")
+    schema = err.object_type if dataclasses.is_dataclass(err.object_type) else None
+    annotation, check = _field(schema, str(err.key)) if schema is not None else (None, None)
+    if check is not None:
+        expected = check.expected
+    elif annotation is not None:
+        expected = _describe(annotation)
+    else:
+        expected = err.msg.splitlines()[0]
+    return _bad(key, err.value, expected)
+
+
+def _strict(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` (as the config holds it) is of the field's scalar type, without conversions:
+    OmegaConf would accept ``'3'`` for an integer or ``1`` for a boolean, kdseg's code would not."""
+    if value is None or annotation is None:
+        return True
+    if typing.get_origin(annotation) is typing.Union:
+        return any(_strict(a, value) for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def _fields(schema: type, node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any, Check | None, str | None]]:
+    """(key, value, type, check, interpolation or None) of every leaf field, through the nested dataclasses."""
+    hints = typing.get_type_hints(schema)
+    raw = OmegaConf.to_container(node, resolve=False)
+    for f in dataclasses.fields(schema):
+        key, annotation = f"{prefix}{f.name}", hints[f.name]
+        if f.name not in node:
+            continue
+        if dataclasses.is_dataclass(annotation):
+            yield from _fields(annotation, node[f.name], f"{key}.")
+            continue
+        value = node[f.name]
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        expression = raw[f.name] if "${" in str(raw[f.name]) else None  # an interpolation, or a list of them
+        yield key, value, annotation, f.metadata.get("check"), expression
+
+
+def _check_fields(cfg: DictConfig) -> None:
+    """Every field's exact type and its ``check`` metadata. Values set directly are checked first,
+    then interpolated ones (``crop_size: ${.image_size}``), so that an error names the key to change."""
+    fields = sorted(_fields(Config, cfg), key=lambda item: item[4] is not None)
+    for key, value, annotation, check, expression in fields:
+        shown = f"{key}={value!r} (from {expression})" if expression else f"{key}={value!r}"
+        expected = check.expected if check else _describe(annotation)
+        if not _strict(annotation, value) or (check is not None and value is not None and not check.test(value)):
+            raise ConfigError(f"config {shown}: expected {expected}")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming the key, the value and what was expected."""
-    for group, keys in REQUIRED.items():
-        for key in keys:
-            if OmegaConf.select(cfg, f"{group}.{key}", default="__missing__") == "__missing__":
-                raise ConfigError(f"config key {group}.{key} is missing")
-    _require(cfg.task in TASKS, "task", cfg.task, f"one of {', '.join(TASKS)}")
-    _positive_int(cfg, "seed", minimum=0)
+    """Raise :class:`ConfigError` naming the key, the value and what was expected, or return: the config is usable."""
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))  # resolves and types every value
+    except OmegaConfBaseException as err:
+        raise _schema_error(err) from None
+    _check_fields(cfg)
+    cross_checks(cfg)
+
+
+def cross_checks(cfg: DictConfig) -> None:
+    """The checks that relate several keys, or need another module's knowledge (smp's encoders, the
+    datasets' class tables, the eval settings, the loss terms); run after the schema's."""
     ds = cfg.dataset
-    _require(ds.name in DATASETS, "dataset.name", ds.name, f"one of {', '.join(DATASETS)}")
-    _positive_int(cfg, "dataset.num_classes", minimum=2)
-    for key in SPLIT_KEYS if ds.name in LAYOUTS else VOC_SPLIT_KEYS:
-        if OmegaConf.select(ds, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"config key dataset.{key} is missing")
-    if ds.name in LAYOUTS:
+    layout_keys = SPLIT_KEYS if ds.name in LAYOUTS else VOC_SPLIT_KEYS
+    for key in layout_keys + (GENERATED_KEYS if ds.generated else ()):
+        if ds.get(key) is None:
+            raise ConfigError(f"config key dataset.{key} is missing (dataset.name={ds.name} needs it)")
+    if ds.name in LAYOUTS or ds.generated:
         n = len(dataset_classes(ds.name).names)
         _require(ds.num_classes == n, "dataset.num_classes", ds.num_classes, f"{n}, the classes of dataset={ds.name}")
-    if ds.name == "synthetic":
-        _require(ds.num_classes == 21, "dataset.num_classes", ds.num_classes, "21 for the built-in dataset")
-        for key in ("num_train", "num_val"):
-            _positive_int(cfg, f"dataset.{key}")
-        _positive_int(cfg, "dataset.image_size", minimum=32)
-    for key in ("base_size", "crop_size"):
-        _positive_int(cfg, f"dataset.{key}", minimum=16)
-    _require(ds.on_bad_sample in BAD_SAMPLE_POLICIES, "dataset.on_bad_sample", ds.on_bad_sample,
-             " or ".join(BAD_SAMPLE_POLICIES))
     for model_key in ("student", "teacher.model"):
-        _check_encoder(cfg, f"{model_key}.encoder_name")
-        stride = OmegaConf.select(cfg, f"{model_key}.output_stride")
-        _require(stride in (8, 16), f"{model_key}.output_stride", stride, "8 or 16")
-        classes = OmegaConf.select(cfg, f"{model_key}.classes")
-        _require(classes == ds.num_classes, f"{model_key}.classes", classes, f"dataset.num_classes={ds.num_classes}")
-    _require(
-        ds.crop_size % 16 == 0, "dataset.crop_size", ds.crop_size,
-        "a multiple of 16 (DeepLabV3+ needs input sizes divisible by 16: the output stride and the decoder's x4 upsampling)",
-    )
-    size = OmegaConf.to_object(ds.eval_size) if OmegaConf.is_list(ds.eval_size) else ds.eval_size
-    _require(
-        isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 and v % 16 == 0 for v in size),
-        "dataset.eval_size", size, "[height, width], multiples of 16 (where GFLOPs and FPS are measured)",
-    )
-    _require(isinstance(cfg.speed.enabled, bool), "speed.enabled", cfg.speed.enabled, "true or false")
-    _positive_int(cfg, "speed.repeats")
-    _positive_int(cfg, "speed.warmup", minimum=0)
-    lo_hi = list(ds.scale_range)
-    _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], "dataset.scale_range", lo_hi, "[min, max] with 0 < min <= max")
-    _require(0 <= ds.blur_prob <= 1, "dataset.blur_prob", ds.blur_prob, "a probability in [0, 1]")
-    _require(ds.eval_mode in ("full", "center_crop"), "dataset.eval_mode", ds.eval_mode, "full or center_crop")
+        model = OmegaConf.select(cfg, model_key)
+        check_encoder(model.encoder_name, f"{model_key}.encoder_name")
+        _require(model.classes == ds.num_classes, f"{model_key}.classes", model.classes, f"dataset.num_classes={ds.num_classes}")
     eval_settings(cfg.eval)  # eval.mode, eval.crop, eval.stride, eval.scales, eval.flip
-    for key in ("pi_lambda", "pa_lambda"):
-        value = cfg.loss[key]
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, f"loss.{key}", value, "a number >= 0")
     for name, term in cfg.loss.terms.items():
         _require(isinstance(term, DictConfig) and "_target_" in term, f"loss.terms.{name}", term,
                  "a term node with _target_ (a kdseg.losses Term), weight and tap")
         weight = term.get("weight")
         _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
                  f"loss.terms.{name}.weight", weight, "a number >= 0")
-        _require(isinstance(term.get("tap"), str) and term.tap, f"loss.terms.{name}.tap", term.get("tap"), "a module path or logits")
-    _require(cfg.teacher.bn_mode in ("eval", "train"), "teacher.bn_mode", cfg.teacher.bn_mode, "eval or train")
-    _require(isinstance(cfg.teacher.grad, bool), "teacher.grad", cfg.teacher.grad, "true or false")
-    tr = cfg.trainer
-    for key in ("epochs", "teacher_epochs", "batch_size", "eval_every", "base_batch"):
-        _positive_int(cfg, f"trainer.{key}")
-    _positive_int(cfg, "trainer.num_workers", minimum=0)
-    if tr.max_iters is not None:
-        _positive_int(cfg, "trainer.max_iters")
-    for key in ("base_lr", "head_lr_mult"):
-        _require(isinstance(tr[key], (int, float)) and tr[key] > 0, f"trainer.{key}", tr[key], "a number > 0")
-    _require(tr.amp in ("auto", "bf16", "fp16", "off"), "trainer.amp", tr.amp, "auto, bf16, fp16 or off")
-    for key in ("channels_last", "cudnn_benchmark", "pin_memory"):
-        _require(tr[key] in ("auto", True, False), f"trainer.{key}", tr[key], "auto, true or false")
-    for key in ("deterministic", "compile", "persistent_workers"):
-        _require(isinstance(tr[key], bool), f"trainer.{key}", tr[key], "true or false")
-    _require(tr.compile_mode in COMPILE_MODES, "trainer.compile_mode", tr.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
-    if tr.num_threads is not None:
-        _positive_int(cfg, "trainer.num_threads")
-    _require(isinstance(tr.resume, str) and tr.resume != "", "trainer.resume", tr.resume, "auto, off, or a checkpoint (or run folder) path")
-    _require(tr.sync_bn in (True, False), "trainer.sync_bn", tr.sync_bn, "true or false")
     if cfg.task == "eval":
-        _require(cfg.checkpoint is not None or ds.name == "synthetic", "checkpoint", cfg.checkpoint, "a checkpoint path for task=eval on real data")
+        _require(cfg.checkpoint is not None or ds.generated, "checkpoint", cfg.checkpoint,
+                 "a checkpoint path for task=eval on real data")

@@ -32,8 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf, read_write
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from kdseg.runtime import resolve_device
 
 _alone = False  # inside single_process(): this process acts as a world of one
 
@@ -54,7 +57,7 @@ def _submitit_num_tasks() -> int:
     if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
         return 1
     try:
-        import submitit
+        import submitit  # only SLURM jobs need it: not imported by every run
 
         return submitit.JobEnvironment().num_tasks
     except Exception:  # not a submitit job after all
@@ -71,7 +74,7 @@ def init(device: torch.device | str = "cpu") -> bool:
     if not launched_distributed():
         return False
     if "RANK" not in os.environ:  # a submitit job with several tasks: export torchrun's variables
-        import submitit
+        import submitit  # only SLURM jobs need it: not imported by every run
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     device = torch.device(device)
@@ -178,15 +181,13 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def setup(cfg: Any) -> None:
-    """Join the process group (if launched distributed); ranks > 0 print and log nothing.
+def setup(cfg: Any, device: torch.device) -> None:
+    """Join the process group (if launched distributed) for ``device``; ranks > 0 print and log nothing.
 
     Their stdout goes to ``os.devnull`` (errors still reach stderr), Hydra's log file
     handler is removed (rank 0 writes the log) and progress bars are switched off.
     """
-    from kdseg.train import resolve_device
-
-    init(resolve_device(cfg.trainer.device))
+    init(device)
     if is_main():
         return
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
@@ -334,25 +335,17 @@ class DistributedHydra(Callback):
     """
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        from omegaconf import read_write
-
         if self._share_timestamps(config) and not is_main():
             with read_write(config.hydra):
                 config.hydra.output_subdir = None
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from omegaconf import read_write
-
         if self._share_timestamps(config) and not is_main():
             with read_write(config.hydra.overrides):
                 config.hydra.overrides.hydra.append("hydra.output_subdir=null")
 
     @staticmethod
     def _share_timestamps(config: Any) -> bool:
-        from omegaconf import OmegaConf
-
-        from kdseg.train import resolve_device
-
         if _env_world_size() <= 1:
             return False
         init(resolve_device(config.trainer.device))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +22,36 @@ from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError, one_line
 from kdseg.losses.base import Term
 from kdseg.models import FeatureTaps
+from kdseg.utils import choice
 
 NO_TERMS = "none"
 """The label of a run with cross-entropy only."""
 
 
+class BnMode(str, Enum):
+    """``teacher.bn_mode``: how the frozen teacher's BatchNorm layers normalise."""
+
+    eval = "eval"
+    """running statistics (kdseg's default)"""
+    train = "train"
+    """batch statistics, running statistics drift (the reference code)"""
+
+
+def active_terms(weights: Mapping[str, float]) -> list[str]:
+    """The names of the terms whose weight is > 0, in the given (config) order: the terms a run
+    builds, its ``loss`` tag and its row in a sweep summary."""
+    return [name for name, weight in weights.items() if weight > 0]
+
+
 def build_terms(terms: DictConfig) -> dict[str, Term]:
-    """The terms of ``loss.terms`` with a weight > 0, instantiated, in config order.
+    """The active terms of ``loss.terms`` (:func:`active_terms`), instantiated, in config order.
 
     A bad value in a term's node (a wrong type, an unknown argument, a target that is not a
     :class:`~kdseg.losses.base.Term`) is a :class:`ConfigError` naming ``loss.terms.<name>``.
     """
     built = {}
-    for name, node in terms.items():
-        if not node.weight > 0:
-            continue
+    for name in active_terms({name: node.weight for name, node in terms.items()}):
+        node = terms[name]
         try:
             term = instantiate(node)
         except InstantiationException as err:
@@ -88,15 +104,14 @@ class Distiller(nn.Module):
         input_size: int | tuple[int, int] = 64,
     ) -> None:
         super().__init__()
-        if teacher_bn_mode not in ("eval", "train"):
-            raise ValueError(f"teacher.bn_mode must be 'eval' or 'train', got '{teacher_bn_mode}'")
-        active = {name: term for name, term in (terms or {}).items() if term.weight > 0}
+        terms = terms or {}
+        active = {name: terms[name] for name in active_terms({name: term.weight for name, term in terms.items()})}
         if active and teacher is None:
             raise ValueError(f"loss terms {sorted(active)} need a teacher, but none was given")
         self.student = student
         self.terms = nn.ModuleDict(active)
         self.ignore_index = ignore_index
-        self.teacher_bn_mode = teacher_bn_mode
+        self.teacher_bn_mode = choice(BnMode, teacher_bn_mode, "teacher.bn_mode")
         self.teacher_grad = teacher_grad
         self.teacher = freeze(teacher) if active else None
         if self.teacher is not None and teacher_grad:
@@ -136,7 +151,7 @@ class Distiller(nn.Module):
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         if self.teacher is not None:
-            self.teacher.train(mode and self.teacher_bn_mode == "train")
+            self.teacher.train(mode and self.teacher_bn_mode == BnMode.train)
         return self
 
     def run_teacher(self, images: torch.Tensor) -> torch.Tensor:

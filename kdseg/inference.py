@@ -27,10 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdseg.errors import ConfigError
+from kdseg.models import INPUT_MULTIPLE
 
 MODES = ("whole", "slide")
-SIZE_DIVISOR = 16
-"""DeepLabV3+ needs input sizes divisible by 16 (output stride 16, or 8 with the decoder's x4 upsampling)."""
 
 Pair = tuple[int, int]
 
@@ -64,7 +63,7 @@ def _pad_to(images: Tensor, height: int, width: int) -> Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
-def whole_inference(model: nn.Module, images: Tensor, size_divisor: int = SIZE_DIVISOR) -> Tensor:
+def whole_inference(model: nn.Module, images: Tensor, size_divisor: int = INPUT_MULTIPLE) -> Tensor:
     """The model on the whole image, padded to a multiple of ``size_divisor``, logits cropped back.
 
     Inputs whose sides already are multiples of ``size_divisor`` go to the model unchanged.
@@ -80,7 +79,7 @@ def slide_inference(
     images: Tensor,
     crop: int | Sequence[int],
     stride: int | Sequence[int],
-    size_divisor: int = SIZE_DIVISOR,
+    size_divisor: int = INPUT_MULTIPLE,
 ) -> Tensor:
     """Logits from ``crop``-sized windows every ``stride`` pixels, averaged where they overlap.
 
@@ -215,8 +214,8 @@ def eval_settings(node: Mapping | EvalSettings | None) -> EvalSettings:
             raise _bad("stride", stride, "null when eval.crop is null")
     else:
         crop = _config_pair(crop, "crop")
-        if any(c < SIZE_DIVISOR or c % SIZE_DIVISOR for c in crop):
-            raise _bad("crop", node.get("crop"), f"a multiple of {SIZE_DIVISOR} (the model input size of each window; DeepLabV3+ needs multiples of 16)")
+        if any(c < INPUT_MULTIPLE or c % INPUT_MULTIPLE for c in crop):
+            raise _bad("crop", node.get("crop"), f"a multiple of {INPUT_MULTIPLE} (the model input size of each window; DeepLabV3+ needs multiples of {INPUT_MULTIPLE})")
         stride = tuple(c * 2 // 3 for c in crop) if stride is None else _config_pair(stride, "stride")
         if not all(0 < s <= c for s, c in zip(stride, crop)):
             raise _bad("stride", node.get("stride"), f"0 < stride <= eval.crop ({node.get('crop')!r})")

@@ -50,7 +50,7 @@ def peak_memory(device: torch.device) -> float:
     hwm = _proc_status_kib("VmHWM")
     if hwm is not None:
         return hwm / 1024
-    import resource
+    import resource  # Unix only, and only needed where /proc is missing (macOS)
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdseg.data.classes import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Running ``num_classes x num_classes`` int64 confusion matrix; rows = ground truth, cols = prediction.
@@ -21,7 +23,7 @@ class ConfusionMatrix:
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         device: torch.device | str | None = None,
         strict: bool = True,
         eager_checks: bool | None = None,

@@ -12,13 +12,44 @@ from collections.abc import Iterable
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kdseg.errors import ConfigError
+
+CLOSE_MATCHES = 5
+"""How many close matches an unknown encoder or module path error suggests."""
+INPUT_MULTIPLE = 16
+"""Every side of a DeepLabV3+ input must be a multiple of this: the encoder's output stride (16),
+or 8 followed by the decoder's x4 upsampling that must land on the stride-4 features. Crops,
+eval sizes, sliding windows and padded val batches are all multiples of it."""
 
 
 def encoder_names() -> list[str]:
     """Names of every encoder smp can build."""
     return sorted(smp.encoders.get_encoder_names())
+
+
+def check_encoder(name: str, key: str | None = None) -> None:
+    """Raise a :class:`ConfigError` unless smp can build encoder ``name``; it lists close matches
+    and every valid name. ``key`` names the config key (``student.encoder_name``) it came from."""
+    valid = encoder_names()
+    if name in valid:
+        return
+    close = ", ".join(difflib.get_close_matches(str(name), valid, n=CLOSE_MATCHES))
+    names = f"Valid smp encoders: {', '.join(valid)}"
+    if key is not None:
+        hint = f"; did you mean {close}?" if close else ""
+        raise ConfigError(f"config {key}={name!r}: unknown encoder{hint} {names}")
+    hint = f" Did you mean {close}?" if close else ""
+    raise ConfigError(f"unknown encoder_name '{name}'.{hint} {names}")
+
+
+def input_multiple(model: nn.Module) -> int:
+    """The number both sides of an input to ``model`` must be divisible by: the encoder's output
+    stride for smp models (which check it themselves), else 1."""
+    if not getattr(model, "requires_divisible_input_shape", False):
+        return 1
+    return int(getattr(getattr(model, "encoder", None), "output_stride", 1))
 
 
 def zero_init_residual_(model: nn.Module) -> int:
@@ -28,8 +59,6 @@ def zero_init_residual_(model: nn.Module) -> int:
     about as early as a shallow one (measured here: ResNet-101 from scratch reaches twice
     the mIoU after 1,200 iterations on the built-in set).
     """
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
     count = 0
     for module in model.modules():
         last_bn = module.bn3 if isinstance(module, Bottleneck) else module.bn2 if isinstance(module, BasicBlock) else None
@@ -49,19 +78,13 @@ def build_model(
     """An smp ``DeepLabV3Plus`` with the given encoder; clear errors for bad names or offline weights.
 
     ``zero_init_residual`` applies :func:`zero_init_residual_` to a randomly initialised
-    ResNet encoder (it is ignored with pretrained weights and for other encoders).
+    ResNet encoder (it is ignored with pretrained weights and for other encoders). Its arguments
+    may come from a checkpoint file rather than a validated config, so it checks the encoder and
+    class count itself; smp checks ``output_stride`` (8 or 16).
     """
-    valid = encoder_names()
-    if encoder_name not in valid:
-        close = difflib.get_close_matches(encoder_name, valid, n=5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown encoder_name '{encoder_name}'.{hint} Valid smp encoders: {', '.join(valid)}"
-        )
+    check_encoder(encoder_name)
     if classes < 1:
         raise ConfigError(f"classes must be >= 1, got {classes}")
-    if output_stride not in (8, 16):
-        raise ConfigError(f"output_stride must be 8 or 16 for DeepLabV3+, got {output_stride}")
     try:
         model = smp.DeepLabV3Plus(
             encoder_name=encoder_name,
@@ -93,7 +116,7 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(path, names, n=CLOSE_MATCHES, cutoff=0.5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ConfigError(f"tap module path '{path}' not found in {type(model).__name__}{hint}") from None
 

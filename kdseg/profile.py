@@ -17,13 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdseg.errors import ConfigError
-from kdseg.models import count_params
-
-def input_multiple(model: nn.Module) -> int:
-    """The number both sides of an input must be divisible by: the encoder's output stride for smp models, else 1."""
-    if not getattr(model, "requires_divisible_input_shape", False):
-        return 1
-    return int(getattr(getattr(model, "encoder", None), "output_stride", 1))
+from kdseg.models import count_params, input_multiple
 
 
 def check_input_size(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdseg.data.classes import dataset_classes
+from kdseg.distill import active_terms
 
 NOT_SETTING = ("seed", "logger.run_name", "sweep_id")
 NOT_SETTING_PREFIXES = ("paths.", "hydra.")
@@ -59,14 +60,16 @@ class RunRecord:
     @property
     def terms(self) -> list[str]:
         """The run's active distillation terms (weight > 0), in its config's order."""
-        return active_terms(self.params)
+        return params_terms(self.params)
 
 
-def active_terms(params: dict[str, str]) -> list[str]:
-    """Names of the terms whose ``loss.terms.<name>.weight`` is > 0, in ``loss.term_order``."""
-    active = [m.group(1) for k, v in params.items() if (m := TERM_WEIGHT.match(k)) and _number(v) > 0]
+def params_terms(params: dict[str, str]) -> list[str]:
+    """:func:`~kdseg.distill.active_terms` of a run's logged params: the terms whose
+    ``loss.terms.<name>.weight`` is > 0, in ``loss.term_order``."""
+    weights = {m.group(1): _number(v) for k, v in params.items() if (m := TERM_WEIGHT.match(k))}
     order = params.get("loss.term_order", "").split(",")
-    return sorted(active, key=lambda name: (order.index(name) if name in order else len(order), name))
+    ranked = sorted(weights, key=lambda name: (order.index(name) if name in order else len(order), name))
+    return active_terms({name: weights[name] for name in ranked})
 
 
 def _number(value: str | None) -> float:
@@ -85,7 +88,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | None = None) -> tuple[list[RunRecord], list[str]]:
     """Finished distill/teacher runs of an experiment and/or sweep, and the ids of unfinished ones."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # seconds to import: only when a store is read (see kdseg.tracking)
 
     client = MlflowClient(tracking_uri)
     if experiment:

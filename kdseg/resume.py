@@ -1,4 +1,4 @@
-"""Resuming interrupted runs: which run folder and checkpoint to continue, and the RNG state.
+"""Resuming interrupted runs: which run folder and checkpoint to continue (the RNG state is :mod:`kdseg.runtime`'s).
 
 A run folder holds ``run.json`` (``run_uid``, config ``fingerprint``, ``status``: running,
 failed or finished, and the MLflow run id) next to its checkpoints. ``last.pt`` is written
@@ -17,10 +17,8 @@ still leaves a good checkpoint one epoch older.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,20 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
+from kdseg import dist
 from kdseg.checkpoint import load_checkpoint, previous_path
 from kdseg.errors import CheckpointError, ResumeError
-from kdseg.tracking import flatten
+from kdseg.utils import digest, flatten
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 LAST = "last.pt"
 NOT_FINGERPRINTED = ("paths.output_dir", "trainer.resume", "trainer.progress")
 """Keys that do not change what a run computes, so they may differ when it is resumed."""
+FINGERPRINT_CHARS = 16
+"""Hex digits of a run's config fingerprint: names the run in ``<paths.cache_dir>/runs/<fingerprint>.json``
+(64 bits: no two configs of one user's cache collide by chance)."""
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 
 def fingerprint(config: dict[str, Any]) -> str:
     """A short hash of a :func:`run_config` (or any JSON-able key)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(config, FINGERPRINT_CHARS)
 
 
 # ------------------------------------------------------------------------------ run folder
@@ -140,8 +140,6 @@ class Plan:
     @contextmanager
     def active(self, task: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
         """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, or ``failed`` if the body raises."""
-        from kdseg import dist
-
         if not dist.is_main():  # DDP: rank 0 holds the lock and writes run.json for all ranks
             yield
             return
@@ -255,32 +253,3 @@ def plan_run(
         if found is not None:  # else: stopped before its first checkpoint, nothing to resume
             return Plan(folder, config, info["run_uid"], *found)
     return Plan(out_dir, config)
-
-
-# ------------------------------------------------------------------------------ RNG state
-
-
-def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Python, NumPy, torch (CPU and CUDA) and DataLoader generator states, as weights_only-safe values."""
-    version, keys, gauss = random.getstate()
-    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(keys), gauss],
-        "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "loader": loader_generator.get_state() if loader_generator is not None else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
-    """Restore what :func:`rng_state` captured."""
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    kind, np_keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if loader_generator is not None and state["loader"] is not None:
-        loader_generator.set_state(state["loader"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,20 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kdseg.dist import is_main
+from kdseg.figure import qualitative_figure
+from kdseg.report import extra_columns, load_runs, student_order, summarize, write_summary
+from kdseg.tracking import Tracker
+from kdseg.viz import save_gain_figure
+
+SWEEP_ID_CHARS = 10
+"""Hex digits of a sweep id (the ``sweep_id`` tag of every run of a multirun): short enough to
+type in ``python -m kdseg.report --sweep-id``, and one user's sweep folders do not collide."""
+
 
 def sweep_id_for(sweep_dir: str | os.PathLike) -> str:
     """A short, stable id of a multirun: a hash of its (absolute) sweep folder."""
-    return hashlib.sha1(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:10]
+    return hashlib.sha1(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:SWEEP_ID_CHARS]
 
 
 def current_sweep() -> tuple[str, str]:
@@ -37,11 +48,6 @@ def sweep_figure(out: Path, records: list) -> Path | None:
     ``<out stem>_<student>.png``; ``out`` itself shows the largest such student (the paper's
     ResNet-18). None when no student qualifies.
     """
-    import shutil
-
-    from kdseg.figure import qualitative_figure
-    from kdseg.report import student_order, summarize
-
     by_run = {r.run_id: r for r in records}
     made = []
     for student in student_order(records):
@@ -70,11 +76,6 @@ class SweepSummary(Callback):
     """At the end of a multirun, write summary.md / summary.csv and log one MLflow summary run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from kdseg.dist import is_main
-        from kdseg.report import extra_columns, load_runs, write_summary
-        from kdseg.tracking import Tracker
-        from kdseg.viz import save_gain_figure
-
         if not is_main():  # a sweep run by every rank under torchrun: rank 0 summarises
             return
         # Hydra unsets its config between jobs; the default tracking URI interpolates

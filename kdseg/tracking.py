@@ -6,6 +6,9 @@ retried, and what still cannot be sent (metrics, artifacts, the final status) is
 memory and in the run folder's ``mlflow_pending.jsonl``, sent with the next call that gets
 through, at the end of the run, when the run is resumed, or by hand with
 ``python -m kdseg.tracking <run folder>/mlflow_pending.jsonl``.
+
+MLflow itself is imported where it is first used, not at the top: importing it takes seconds,
+which ``logger=none`` runs (and every module that only needs :func:`run_params`) need not pay.
 """
 from __future__ import annotations
 
@@ -20,24 +23,25 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from kdseg.errors import TrackingError, one_line
+from kdseg.errors import TrackingError, one_line, reported
+from kdseg.utils import flatten
 
 PENDING_FILE = "mlflow_pending.jsonl"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """For a tracking server: kdseg retries itself (with waits), so MLflow's own retries are off."""
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out |= flatten(value, name) if isinstance(value, dict) and value else {name: value}
-    return out
+METRICS_PER_BATCH = 1000
+"""MLflow's limit on the metrics of one ``log_batch`` call."""
+PARAMS_PER_BATCH = 100
+"""MLflow's limit on the params of one ``log_batch`` call."""
+PARAM_VALUE_CHARS = 6000
+"""MLflow's limit on the length of a param value (longer ones, e.g. a list of scales, are cut)."""
+WARNING_CHARS = 200
+"""How much of a store's error message a retry / fallback warning quotes (one line of output)."""
+ERROR_CHARS = 300
+"""How much of a store's error message the one-line error that stops a run quotes."""
 
 
 def git_commit(path: str | os.PathLike = ".") -> str:
@@ -54,8 +58,6 @@ def _store_lock(tracking_uri: str):
     """A file lock around creating a SQLite store, so parallel jobs do not race its schema setup."""
     if not tracking_uri.startswith("sqlite:///"):
         return nullcontext()
-    from filelock import FileLock
-
     db = Path(tracking_uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(f"{db}.lock")
@@ -105,7 +107,7 @@ class Tracker:
                 self.experiment_id = self._experiment_id(experiment_name)
         except Exception as err:  # MlflowException, connection and database errors alike
             raise TrackingError(
-                f"MLflow tracking store '{tracking_uri}' is not reachable ({one_line(err)[:300]}); start it, "
+                f"MLflow tracking store '{tracking_uri}' is not reachable ({one_line(err)[:ERROR_CHARS]}); start it, "
                 "point logger.tracking_uri (or MLFLOW_TRACKING_URI) at a working store, or run with logger=none"
             ) from err
 
@@ -124,12 +126,10 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id  # another job created it first
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "Tracker":
-        """The configured tracker; disabled on DDP ranks > 0 (rank 0 logs for all)."""
-        from kdseg.dist import is_main
-
-        log = cfg.logger
-        return cls(log.tracking_uri, log.experiment_name, log.enabled and is_main(), log.get("retries", 3), log.get("retry_wait_s", 2.0))
+    def from_config(cls, logger: DictConfig, enabled: bool = True) -> "Tracker":
+        """The tracker of the ``logger`` config; ``enabled=False`` turns it off whatever the config says
+        (the caller's decision, e.g. on DDP ranks > 0, for which rank 0 logs)."""
+        return cls(logger.tracking_uri, logger.experiment_name, logger.enabled and enabled, logger.retries, logger.retry_wait_s)
 
     # -------------------------------------------------------------------- calls with retries
 
@@ -143,7 +143,7 @@ class Tracker:
             except Exception as err:
                 if attempt == retries:
                     raise
-                print(f"warning: MLflow {what} failed ({one_line(err)[:200]}); retry {attempt + 1}/{retries} in {wait:g}s", flush=True)
+                print(f"warning: MLflow {what} failed ({one_line(err)[:WARNING_CHARS]}); retry {attempt + 1}/{retries} in {wait:g}s", flush=True)
                 time.sleep(wait)
                 wait *= 2
 
@@ -154,8 +154,8 @@ class Tracker:
         run_id = op["run_id"]
         if op["op"] == "metrics":
             batch = [Metric(k, float(v), op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
-            for i in range(0, len(batch), 1000):
-                self._call("log_metrics", self.client.log_batch, run_id, metrics=batch[i : i + 1000], retries=retries)
+            for i in range(0, len(batch), METRICS_PER_BATCH):
+                self._call("log_metrics", self.client.log_batch, run_id, metrics=batch[i : i + METRICS_PER_BATCH], retries=retries)
         elif op["op"] == "artifact":
             self._call("log_artifact", self.client.log_artifact, run_id, op["path"], op["artifact_path"], retries=retries)
         elif op["op"] == "terminate":
@@ -179,7 +179,7 @@ class Tracker:
                 f.write(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n")
         if err is not None:
             where = f"kept in {self.pending_file}" if self.pending_file else "kept in memory"
-            print(f"warning: MLflow is unreachable ({one_line(err)[:200]}); {op['op']} {where}, sent when it is back", flush=True)
+            print(f"warning: MLflow is unreachable ({one_line(err)[:WARNING_CHARS]}); {op['op']} {where}, sent when it is back", flush=True)
 
     def flush(self, retries: int | None = None) -> bool:
         """Send the operations kept while the store was down; True when none are left."""
@@ -232,24 +232,24 @@ class Tracker:
             try:
                 self._call("get_run", self.client.get_run, run_id)
             except Exception as err:
-                print(f"warning: cannot reopen MLflow run {run_id} ({one_line(err)[:200]}); starting a new one", flush=True)
+                print(f"warning: cannot reopen MLflow run {run_id} ({one_line(err)[:WARNING_CHARS]}); starting a new one", flush=True)
                 tags["resumed_from"] = run_id
             else:
                 self.run_id = run_id
                 try:
                     self._call("update_run", self.client.update_run, run_id, status="RUNNING")
                 except Exception as err:
-                    print(f"warning: MLflow run {run_id} not marked RUNNING again ({one_line(err)[:200]})", flush=True)
+                    print(f"warning: MLflow run {run_id} not marked RUNNING again ({one_line(err)[:WARNING_CHARS]})", flush=True)
                 self.set_tags(tags)
                 return run_id
         try:
             run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+            items = [Param(k, str(v)[:PARAM_VALUE_CHARS]) for k, v in params.items()]
+            for i in range(0, len(items), PARAMS_PER_BATCH):
+                self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + PARAMS_PER_BATCH])
         except Exception as err:
-            raise TrackingError(f"MLflow tracking store '{self.tracking_uri}' failed to create the run ({one_line(err)[:300]})") from err
+            raise TrackingError(f"MLflow tracking store '{self.tracking_uri}' failed to create the run ({one_line(err)[:ERROR_CHARS]})") from err
         return self.run_id
 
     @contextmanager
@@ -293,7 +293,7 @@ class Tracker:
                 try:
                     self._call("set_tag", self.client.set_tag, self.run_id, key, str(value))
                 except Exception as err:
-                    print(f"warning: MLflow tag {key} not set ({one_line(err)[:200]})", flush=True)
+                    print(f"warning: MLflow tag {key} not set ({one_line(err)[:WARNING_CHARS]})", flush=True)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id and Path(path).exists():
@@ -309,15 +309,13 @@ class Tracker:
             print(f"warning: {len(self.pending)} MLflow operation(s) of run {self.run_id} could not be sent, {where}{hint}", flush=True)
 
 
-def run_params(cfg: DictConfig) -> dict[str, Any]:
+def run_params(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     """Flattened, resolved config without Hydra's own keys, and the number of DDP processes.
 
     ``dist.world_size`` is a param (not a tag) because the global batch depends on it:
     runs with different world sizes are different settings in a sweep summary.
     """
-    from kdseg.dist import world_size
-
-    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"dist.world_size": world_size()}
+    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"dist.world_size": world_size}
 
 
 def replay(pending_file: str | os.PathLike) -> int:
@@ -335,8 +333,6 @@ def replay(pending_file: str | os.PathLike) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kdseg.tracking FILE``: send metrics and artifacts kept while MLflow was down."""
-    from kdseg.errors import reported
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(f"usage: python -m kdseg.tracking <run folder>/{PENDING_FILE}")

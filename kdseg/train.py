@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch import nn
@@ -24,11 +22,11 @@ from tqdm import tqdm
 from kdseg import dist
 from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
-from kdseg.errors import CheckpointError, ConfigError, NonFiniteLossError
-from kdseg.inference import eval_settings, predict
+from kdseg.errors import CheckpointError, NonFiniteLossError
+from kdseg.inference import EvalSettings, eval_settings, predict
 from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
-from kdseg.resume import rng_state, set_rng_state
+from kdseg.runtime import amp_policy, auto_flag, resolve_device, rng_state, set_rng_state
 
 NONFINITE_CHECK_EVERY = 10
 """Iterations between checks for a NaN / inf loss (each check is one device sync)."""
@@ -38,60 +36,7 @@ class PolyLR(LambdaLR):
     """``lr * (1 - it / max_iters) ** power``, stepped once per iteration."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9, last_epoch: int = -1) -> None:
-        self.max_iters, self.power = max_iters, power
         super().__init__(optimizer, lambda it: max(0.0, 1 - it / max_iters) ** power, last_epoch)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a clear error for an unavailable CUDA."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={device} but CUDA is not available here; use trainer.device=auto or cpu")
-    return dev
-
-
-def amp_policy(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a GradScaler is needed) for ``trainer.amp``.
-
-    ``auto`` is bf16 on CUDA devices that support it, fp16 on older CUDA devices, off on CPU.
-    Only fp16 needs loss scaling.
-    """
-    if amp not in ("auto", "bf16", "fp16", "off"):
-        raise ValueError(f"trainer.amp must be auto, bf16, fp16 or off, got '{amp}'")
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None, False
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return dtype, dtype == torch.float16
-
-
-def auto_flag(value: bool | str, device: torch.device) -> bool:
-    """A ``true | false | auto`` switch; ``auto`` is on for CUDA devices only."""
-    return value is True or (value == "auto" and device.type == "cuda")
-
-
-def configure_backends(cfg: Any, device: torch.device) -> None:
-    """Process-wide speed switches: CPU threads, cuDNN autotuning and determinism (CUDA).
-
-    ``cudnn_benchmark: auto`` autotunes the convolution algorithms for each input shape
-    unless ``deterministic`` asks for bitwise-repeatable cuDNN kernels.
-    """
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = bool(cfg.deterministic)
-        benchmark = cfg.cudnn_benchmark
-        torch.backends.cudnn.benchmark = not cfg.deterministic if benchmark == "auto" else bool(benchmark)
 
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float, extra: nn.Module | None = None) -> list[dict]:
@@ -192,6 +137,9 @@ class Trainer:
     the network being trained as ``model.student``. After every epoch ``last.pt`` holds
     the full training state (weights, optimizer, lr schedule, AMP scaler, epoch, iteration,
     best metric, metric history, RNG states) and :meth:`restore` continues from it.
+
+    It sets nothing process-wide: threads and cuDNN flags are the task's
+    (:func:`kdseg.runtime.configure_backends`, once when it starts).
     """
 
     def __init__(
@@ -212,12 +160,11 @@ class Trainer:
         eval_cfg: Any = None,
     ) -> None:
         self.cfg = cfg
-        self.eval_cfg = eval_cfg  # the ``eval`` config of every per-epoch evaluation
+        self.eval_settings: EvalSettings = eval_settings(eval_cfg)  # how every per-epoch evaluation predicts
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.student = model.student
         self.terms: nn.Module | None = getattr(model, "terms", None)  # learned parts of loss terms (adapters)
-        configure_backends(cfg, self.device)
         self.amp_dtype, use_scaler = amp_policy(cfg.amp, self.device)
         channels_last = auto_flag(cfg.channels_last, self.device)
         if channels_last:
@@ -309,7 +256,7 @@ class Trainer:
                 metrics["train/amp_skipped_steps"] = skipped
             improved = False
             if epoch % cfg.eval_every == 0 or epoch == self.epochs:
-                result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress, self.eval_cfg)
+                result = evaluate(self.student, self.val_loader, self.num_classes, self.device, self.amp_dtype, cfg.progress, self.eval_settings)
                 metrics |= epoch_metrics(result, self.class_names)
                 self.last_result = result
                 improved = result["miou"] > self.best_miou

@@ -40,7 +40,7 @@ def save_prediction_grid(
     ``rows`` is e.g. ``[("ground truth", masks), ("teacher", pred_t), ("student", pred_s)]``,
     each a K x H x W tensor of class indices, drawn in ``palette`` (the dataset's; default VOC's).
     """
-    import matplotlib
+    import matplotlib  # imported when a figure is drawn: a second of start-up that runs without figures skip
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,7 +74,7 @@ def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str |
 
     None when no row has a paired baseline.
     """
-    import matplotlib
+    import matplotlib  # imported when a figure is drawn, as in save_prediction_grid
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,19 +1,42 @@
-"""Shared fixtures: configs composed with Hydra's compose API at smoke size.
+"""Shared fixtures: configs composed with Hydra's compose API at smoke size; the ``gpu`` marker.
 
 The generated dataset, the cached smoke teacher and the MLflow store live in one
 session folder, so tests share them the way repeated runs of a user do.
+
+Layout: ``tests/unit/`` mirrors the package (one file per module, ``unit/data/`` and
+``unit/losses/`` for its subpackages); ``tests/e2e/`` runs whole jobs through
+``kdseg.tasks.run``, ``run.py`` or subprocesses (torchrun, multiruns, launchers).
+Markers (setup.cfg): ``slow`` (deselected by default; ``pytest -m slow`` runs them), ``ddp``
+(several processes; every ddp test is slow too) and ``gpu`` (skipped, and reported as
+skipped, where CUDA is missing).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 SMOKE = ["trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64", "speed.repeats=2", "speed.warmup=1"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: every collected test is seen
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests need CUDA: skipped (and listed as skipped by ``-ra``) where there is none.
+    A ``ddp`` test must be ``slow`` too, or neither CI run (default, ``-m slow``) would select it."""
+    unslowed = [item.nodeid for item in items if "ddp" in item.keywords and "slow" not in item.keywords]
+    if unslowed:
+        raise pytest.UsageError(f"ddp tests must also be marked slow: {', '.join(unslowed)}")
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

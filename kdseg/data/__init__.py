@@ -13,16 +13,16 @@ from kdseg.data.classes import IGNORE_INDEX
 from kdseg.data.dataset import SegmentationDataset
 from kdseg.data.folders import LAYOUTS, list_pairs
 from kdseg.data.labels import LabelMap
+from kdseg.data.synthetic import ensure_synthetic
 from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.voc import LAYOUT_HINT, read_split
 from kdseg.errors import ConfigError, DataError, MissingDataError
+from kdseg.models import INPUT_MULTIPLE
 
 
 def dataset_root(cfg: DictConfig) -> Path:
-    """The dataset folder; the built-in set is generated there on first use."""
-    if cfg.name == "synthetic":
-        from kdseg.data.synthetic import ensure_synthetic
-
+    """The dataset folder; a generated dataset (``dataset.generated``: the built-in set) is written there on first use."""
+    if cfg.generated:
         try:
             return ensure_synthetic(cfg.root, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed)
         except (ValueError, FileExistsError) as err:
@@ -63,7 +63,7 @@ def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     return datasets[0], datasets[1]
 
 
-def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], stride: int = INPUT_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack images of any size: pad bottom/right to a common multiple of ``stride``.
 
     Images are padded with 0 (the mean colour after normalisation) and masks with 255,

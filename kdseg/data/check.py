@@ -1,4 +1,4 @@
-"""Sample checks shared by the VOC reader and ``python -m kdseg.data.check``.
+"""Sample checks shared by the dataset reader and the data-check CLI (``python -m kdseg.data``).
 
 A sample is an image and its mask. What can go wrong, each reported naming the file:
 
@@ -12,17 +12,10 @@ A sample is an image and its mask. What can go wrong, each reported naming the f
 
 The first four are seen from the file headers alone (``deep=False``: fast enough to run
 before every training); the last two need every file decoded (``deep=True``).
-
-``python -m kdseg.data.check [overrides ...]`` composes the same config as ``run.py`` and
-reports every problem of the train and val splits at once (exit code 1 if there is any)::
-
-    python -m kdseg.data.check dataset=voc dataset.root=/data/VOCdevkit/VOC2012
-    python -m kdseg.data.check dataset=cityscapes dataset.root=/data/cityscapes
 """
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.data.labels import LabelMap
-from kdseg.errors import ConfigError, DataError, MissingDataError, one_line, reported
+from kdseg.errors import DataError, MissingDataError
 
 MASK_MODES = ("P", "L")
 
@@ -167,50 +160,6 @@ def summarize(problems: Sequence[Problem], source: str, shown: int = 3) -> str:
     more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
     count = "1 bad sample" if len(problems) == 1 else f"{len(problems)} problems"
     return (
-        f"{count} in {source}: {head}{more}. `python -m kdseg.data.check` lists every problem; "
+        f"{count} in {source}: {head}{more}. `python -m kdseg.data` lists every problem; "
         "dataset.on_bad_sample=skip trains without the bad samples"
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Decode every sample of the configured train and val splits and report all problems."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from kdseg.data import dataset_root, split_samples
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        return 0
-    conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
-    cwd = os.getcwd()
-    with reported():
-        try:
-            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-                cfg = compose("config", overrides=[f"paths.root_dir={cwd}", f"paths.output_dir={cwd}", *argv])
-        except HydraException as err:
-            raise ConfigError(one_line(err)) from err
-        ds = cfg.dataset
-        root = dataset_root(ds)
-        if not root.is_dir():
-            raise MissingDataError(f"dataset.root '{root}' does not exist")
-        total = 0
-        for split in ("train", "val"):
-            try:
-                samples, source, label_map = split_samples(ds, root, split)
-            except DataError as err:
-                print(f"{split}: {err}")
-                total += 1
-                continue
-            problems = [p for found in scan(samples, ds.num_classes, deep=True, label_map=label_map) for p in found]
-            for problem in problems:
-                print(f"{split}: {problem}")
-            print(f"{split}: {len(samples)} samples in {source}, {len(problems)} problem(s)")
-            total += len(problems)
-    print("dataset OK" if total == 0 else f"{total} problem(s) found")
-    return 1 if total else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

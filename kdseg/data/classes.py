@@ -76,7 +76,7 @@ def cityscapes_labels() -> tuple[Any, ...]:
     Imported on first use and only this module of the package: the rest of cityscapesscripts
     pulls in plotting and GUI dependencies.
     """
-    from cityscapesscripts.helpers.labels import labels
+    from cityscapesscripts.helpers.labels import labels  # see above: only Cityscapes runs pay for it
 
     return tuple(labels)
 
@@ -107,6 +107,8 @@ def _voc() -> DatasetClasses:
 
 
 _DATASETS = {"synthetic": _voc, "voc": _voc, "voc_aug": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k}
+DATASET_NAMES: tuple[str, ...] = tuple(_DATASETS)
+"""Every ``dataset.name`` kdseg knows (each has class names and a palette)."""
 
 
 def dataset_classes(name: str) -> DatasetClasses:

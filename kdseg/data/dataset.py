@@ -6,6 +6,7 @@ VOC, Cityscapes and ADE20K differ only in how they list their pairs (:mod:`kdseg
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -14,8 +15,14 @@ from torchvision import tv_tensors
 from kdseg.data.check import Problem, check_sizes, read_image, read_mask, scan, summarize
 from kdseg.data.labels import LabelMap
 from kdseg.errors import DataError, MissingDataError
+from kdseg.utils import choice
 
-BAD_SAMPLE_POLICIES = ("error", "skip")
+
+class OnBadSample(str, Enum):
+    """``dataset.on_bad_sample``: what a bad sample does (see :class:`SegmentationDataset`)."""
+
+    error = "error"
+    skip = "skip"
 
 
 class SegmentationDataset(Dataset):
@@ -42,12 +49,10 @@ class SegmentationDataset(Dataset):
         on_bad_sample: str = "error",
         label_map: LabelMap | None = None,
     ) -> None:
-        if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got '{on_bad_sample}'")
         self.transforms = transforms
         self.num_classes = num_classes
         self.label_map = label_map
-        skip = on_bad_sample == "skip"
+        skip = choice(OnBadSample, on_bad_sample, "on_bad_sample") is OnBadSample.skip
         found = scan(samples, num_classes, deep=skip, label_map=label_map)
         problems = [p for sample_problems in found for p in sample_problems]
         if problems and not skip:

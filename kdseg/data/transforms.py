@@ -5,15 +5,26 @@ padded with 255 ("void") and left out of photometric transforms.
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from kdseg.data.classes import IGNORE_INDEX
+from kdseg.utils import choice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_MODES = ("full", "center_crop")
+
+
+class EvalMode(str, Enum):
+    """``dataset.eval_mode``: the val images' geometry."""
+
+    full = "full"
+    """every image at its own resolution"""
+    center_crop = "center_crop"
+    """short side resized to base_size, then a crop_size centre crop"""
 
 
 _MASK_RESIZE = v2.InterpolationMode.NEAREST_EXACT
@@ -81,9 +92,8 @@ def train_transforms(
 
 def val_transforms(eval_mode: str = "full", base_size: int = 513, crop_size: int = 513) -> v2.Compose:
     """Validation pipeline: full resolution (``full``) or short-side resize + centre crop."""
-    if eval_mode == "full":
-        geometric: list[v2.Transform] = []
-    elif eval_mode == "center_crop":
+    geometric: list[v2.Transform] = []
+    if choice(EvalMode, eval_mode, "dataset.eval_mode") is EvalMode.center_crop:
         if crop_size > base_size:
             # CenterCrop would pad the mask with 0 (background), inventing labels that count in mIoU.
             raise ValueError(
@@ -91,6 +101,4 @@ def val_transforms(eval_mode: str = "full", base_size: int = 513, crop_size: int
                 f"got crop_size={crop_size} > base_size={base_size}"
             )
         geometric = [_Resize(base_size), v2.CenterCrop(crop_size)]
-    else:
-        raise ValueError(f"dataset.eval_mode must be one of {EVAL_MODES}, got '{eval_mode}'")
     return v2.Compose([v2.ToImage(), *geometric, *_normalize()])

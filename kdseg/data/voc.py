@@ -10,10 +10,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from kdseg.data.dataset import BAD_SAMPLE_POLICIES, SegmentationDataset
+from kdseg.data.dataset import SegmentationDataset
 from kdseg.errors import DataError, MissingDataError
-
-__all__ = ["BAD_SAMPLE_POLICIES", "LAYOUT_HINT", "VOCSegmentation", "read_split"]
 
 LAYOUT_HINT = "a VOC2012-style folder holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/"
 

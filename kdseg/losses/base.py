@@ -24,6 +24,7 @@ import math
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError
 
 LOGITS = "logits"
@@ -67,7 +68,7 @@ class Term(nn.Module):
         return f"weight={self.weight:g}, tap={self.tap!r}"
 
 
-def valid_pixels(masks: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
+def valid_pixels(masks: Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> Tensor:
     """B x H x W boolean map of labelled pixels at ``size`` (labels nearest-resized if needed)."""
     return labels_at(masks, size) != ignore_index
 

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError
 from kdseg.losses.base import Term, labels_at
 
 PROTOTYPE_EPS = 1e-6
 
 
-def class_similarity(feat: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+def class_similarity(feat: Tensor, labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """B x H x W cosine similarity of each pixel's feature to its class prototype (labels at the map's size)."""
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
     onehot = F.one_hot(torch.where(valid, labels, num_classes), num_classes + 1)[..., :num_classes]
@@ -30,7 +31,7 @@ def class_similarity(feat: Tensor, labels: Tensor, num_classes: int, ignore_inde
     return F.cosine_similarity(feat, centers, dim=1)
 
 
-def ifvd_loss(feat_s: Tensor, feat_t: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+def ifvd_loss(feat_s: Tensor, feat_t: Tensor, labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """mean((sim_s - sim_t)^2) of the prototype-similarity maps, in float32; labels are resized to the maps."""
     if feat_s.dim() != 4 or feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]:
         raise ValueError(
@@ -50,7 +51,7 @@ class IFVDLoss(Term):
 
     name = "ifvd"
 
-    def __init__(self, weight: float, num_classes: int, tap: str = "decoder.block2", ignore_index: int = 255) -> None:
+    def __init__(self, weight: float, num_classes: int, tap: str = "decoder.block2", ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(weight, tap)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes={num_classes!r}: expected an integer >= 1")

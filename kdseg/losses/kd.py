@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdseg.data.classes import IGNORE_INDEX
 from kdseg.losses.base import LOGITS, Term, check_positive, valid_pixels
 
 
@@ -43,7 +44,7 @@ class KDLoss(Term):
 
     name = "kd"
 
-    def __init__(self, weight: float, tap: str = LOGITS, temperature: float = 1.0, ignore_index: int = 255) -> None:
+    def __init__(self, weight: float, tap: str = LOGITS, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(weight, tap)
         self.temperature = check_positive(temperature, "temperature")
         self.ignore_index = ignore_index

@@ -19,7 +19,8 @@ from kdseg.distill import Distiller
 from kdseg.losses import PairwiseLoss, PixelwiseLoss, pairwise_loss, pixelwise_loss
 from kdseg.metrics import ConfusionMatrix
 from kdseg.models import build_model
-from kdseg.train import Trainer, amp_policy, auto_flag, configure_backends
+from kdseg.runtime import amp_policy, auto_flag, configure_backends
+from kdseg.train import Trainer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 TINY = ["--teacher", "resnet18", "--student", "resnet18", "--crop", "64", "--batch", "2",

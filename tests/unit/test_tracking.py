@@ -1,10 +1,11 @@
-"""MLflow tracking wrapper: flattened params and run status on success and failure."""
+"""MLflow tracking wrapper (kdseg.tracking): flattened params, run status, retries and the pending-operations file."""
 from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kdseg.tracking import HTTP_DEFAULTS, PENDING_FILE, Tracker, flatten
+from kdseg.tracking import PENDING_FILE, Tracker
+from kdseg.utils import flatten
 
 
 def test_flatten_joins_nested_keys_and_keeps_lists():
@@ -30,21 +31,6 @@ def test_disabled_tracker_does_nothing():
     with tracker.run("r", {}, {}) as run_id:
         tracker.log_metrics({"a": 1.0}, 0)
     assert run_id is None
-
-
-# ------------------------------------------------------------------- an unreliable store
-
-
-def test_unreachable_store_is_a_clear_error_before_training(make_cfg, tmp_path, monkeypatch):
-    from kdseg.errors import TrackingError
-    from kdseg.main import run
-
-    for key, value in HTTP_DEFAULTS.items():
-        monkeypatch.setenv(key, value)
-    cfg = make_cfg("logger.tracking_uri=http://127.0.0.1:9")
-    with pytest.raises(TrackingError, match=r"MLflow tracking store 'http://127\.0\.0\.1:9' is not reachable .*logger=none"):
-        run(cfg)
-    assert not (tmp_path / "out").exists()
 
 
 class FlakyStore:
@@ -119,28 +105,6 @@ def test_store_down_at_the_end_leaves_a_file_that_can_be_sent(session_dir, tmp_p
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.metrics["val/miou"] == 0.5 and run.info.status == "FINISHED"
     assert not (tmp_path / PENDING_FILE).exists()
-
-
-def test_training_survives_an_outage_and_every_metric_arrives(make_cfg, monkeypatch, capsys):
-    from kdseg.main import run
-
-    store = FlakyStore(monkeypatch)
-    original = Tracker.log_metrics
-
-    def log_metrics(self, metrics, step):
-        store.down = step == 1 and "train/loss" in metrics  # the store is down while epoch 1 is logged
-        original(self, metrics, step)
-        store.down = False
-
-    monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
-    cfg = make_cfg("loss=none", "trainer.max_iters=null", "trainer.epochs=2", "dataset.num_train=8",
-                   "logger.run_name=outage-e2e", "logger.retry_wait_s=0")
-    run(cfg)
-    assert "kept in" in capsys.readouterr().out
-    client = MlflowClient(cfg.logger.tracking_uri)
-    (mrun,) = client.search_runs([client.get_experiment_by_name("kdseg").experiment_id], "attributes.run_name = 'outage-e2e'")
-    assert steps(cfg.logger.tracking_uri, mrun.info.run_id, "train/loss") == [1, 2]
-    assert mrun.info.status == "FINISHED"
 
 
 def test_experiment_created_by_a_parallel_job_is_reused(session_dir, monkeypatch):

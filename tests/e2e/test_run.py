@@ -8,8 +8,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from kdseg.checkpoint import load_checkpoint
-from kdseg.errors import CheckpointError
-from kdseg.main import run, teacher_cache_path
+from kdseg.data.synthetic import generate
+from kdseg.errors import CheckpointError, ConfigError
+from kdseg.tasks import run
+from kdseg.teacher import cache_path as teacher_cache_path
 
 
 def mlflow_run(cfg, run_name: str):
@@ -68,12 +70,12 @@ def test_smoke_teacher_key_differs_from_default_budget(make_cfg):
 
 
 def test_baseline_builds_no_teacher(make_cfg, monkeypatch):
-    import kdseg.main
+    import kdseg.tasks.distill
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("loss=none must not build a teacher")
 
-    monkeypatch.setattr(kdseg.main, "get_teacher", no_teacher)
+    monkeypatch.setattr(kdseg.tasks.distill, "get_teacher", no_teacher)
     assert 0.0 <= run(make_cfg("loss=none")) <= 1.0
 
 
@@ -95,8 +97,13 @@ def test_teacher_and_eval_tasks(make_cfg, tmp_path):
 
 
 def test_real_data_without_teacher_checkpoint_is_a_clear_error(make_cfg, tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset.root"):
-        run(make_cfg("dataset=voc", f"dataset.root={tmp_path}/nowhere", "trainer=smoke", smoke=False))
+    """A readable VOC-layout folder (written by the generator, read as dataset=voc): the data is
+    fine, so the run stops at the teacher, and none is trained (only generated datasets cache one)."""
+    root = generate(tmp_path / "VOC2012", 4, 2, 64, seed=0)
+    cfg = make_cfg("dataset=voc", f"dataset.root={root}", "dataset.base_size=64", "dataset.crop_size=64", "trainer=smoke", smoke=False)
+    with pytest.raises(ConfigError, match=r"teacher\.checkpoint is null and dataset=voc: train a teacher first \(python run\.py task=teacher"):
+        run(cfg)
+    assert not teacher_cache_path(cfg).exists()
 
 
 BASELINES = ("kd", "cwd", "at", "fitnet", "dist", "ifvd")

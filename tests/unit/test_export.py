@@ -17,7 +17,7 @@ from kdseg.checkpoint import load_model, save_checkpoint
 from kdseg.errors import ConfigError, ExportError
 from kdseg.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"encoder_name": "resnet18", "classes": 21, "encoder_weights": None, "output_stride": 16}
 SIZE = 64
 

@@ -1,4 +1,4 @@
-"""Cityscapes and ADE20K: folder listing, label maps, class names and palettes, bad files, runs.
+"""Cityscapes and ADE20K (kdseg.data.folders, labels, classes): folder listing, label maps, class names and palettes, bad files, the check CLI, config.
 
 Each test writes a small folder in the dataset's real layout (odd image sizes, stored mask
 values including the ignored ones) and checks the reader against label maps computed by hand.
@@ -13,22 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
-import kdseg.figure
-import kdseg.main
 from kdseg.config import validate
 from kdseg.data import build_datasets
-from kdseg.data.check import main as check_main
+from kdseg.data.__main__ import main as check_main
 from kdseg.data.classes import VOC_CLASSES, dataset_classes, voc_palette
 from kdseg.data.folders import folder_dataset
 from kdseg.data.labels import ade20k_label_map, cityscapes_label_map
 from kdseg.errors import ConfigError, DataError, MissingDataError
-from kdseg.figure import qualitative_figure
-from kdseg.main import run
 from kdseg.report import class_ious
-from kdseg.viz import colorize, save_prediction_grid
+from kdseg.viz import colorize
 
 # Stored value -> class index, by hand from the datasets' documentation (255: ignored).
 # Cityscapes labelIds: unlabeled 0, ego vehicle 1 -> ignored; road 7 -> 0, sidewalk 8 -> 1,
@@ -333,56 +328,3 @@ def test_validation_names_the_key(make_cfg, overrides: list[str], message: str) 
 # --- runs -------------------------------------------------------------------------------
 
 
-def mlflow_run(cfg, run_name: str, dataset: str):
-    client = MlflowClient(cfg.logger.tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
-    query = f"attributes.run_name = '{run_name}' and tags.dataset = '{dataset}'"
-    (found, *_) = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
-    return found
-
-
-def test_baseline_run_logs_the_dataset_class_names(written, make_cfg, tmp_path: Path, monkeypatch) -> None:
-    palettes = []
-
-    def save_grid(path, images, rows, palette=None):
-        palettes.append(palette)
-        return save_prediction_grid(path, images, rows, palette=palette)
-
-    monkeypatch.setattr(kdseg.main, "save_prediction_grid", save_grid)
-    cfg = dataset_cfg(make_cfg, written, "loss=none", "logger.run_name=ds-baseline")
-    assert 0.0 <= run(cfg) <= 1.0
-    assert palettes == [dataset_classes(written.name).palette]
-    metrics = mlflow_run(cfg, "ds-baseline", written.name).data.metrics
-    present, _ = FIRST_CLASS[written.name]
-    names = set(dataset_classes(written.name).names)
-    logged = {k.removeprefix("val/iou/") for k in metrics if k.startswith("val/iou/")}
-    assert present in logged and logged <= names
-    assert f"| {present} | " in (tmp_path / "out" / "per_class_iou.md").read_text()
-
-
-def test_teacher_then_eval_and_figure_use_the_dataset_classes(written, make_cfg, tmp_path: Path, monkeypatch) -> None:
-    fast = "teacher.model.encoder_name=resnet18"  # any encoder: a smoke teacher, quick on CPU
-    miou = run(dataset_cfg(make_cfg, written, "task=teacher", fast))
-    checkpoint = tmp_path / "out" / "last.pt"
-    cfg = dataset_cfg(make_cfg, written, "task=eval", f"checkpoint={checkpoint}")
-    assert run(cfg) == pytest.approx(miou)
-    present, _ = FIRST_CLASS[written.name]
-    for run_name in (f"teacher-resnet18-{written.name}", "eval-last"):
-        metrics = mlflow_run(cfg, run_name, written.name).data.metrics
-        assert f"val/iou/{present}" in metrics and "val/iou/background" not in metrics, run_name
-    drawn = {}
-
-    def save_grid(path, images, rows, palette=None):
-        drawn.update(path=path, masks=rows[0][1], palette=palette)
-        return save_prediction_grid(path, images, rows, palette=palette)
-
-    monkeypatch.setattr(kdseg.figure, "save_prediction_grid", save_grid)
-    figure = qualitative_figure(tmp_path / "figure.png", written.root, [("teacher", checkpoint)], k=2, dataset=written.name)
-    assert figure.is_file() and drawn["palette"] == dataset_classes(written.name).palette
-    for mask, (_, _, expected) in zip(drawn["masks"], written.val):  # the val split, padded to a multiple of 16
-        np.testing.assert_array_equal(mask[: expected.shape[0], : expected.shape[1]].numpy(), expected)
-
-
-def test_distill_on_real_data_needs_a_teacher_checkpoint(written, make_cfg) -> None:
-    with pytest.raises(ConfigError, match=f"teacher.checkpoint is null and dataset={written.name}: train a teacher first"):
-        run(dataset_cfg(make_cfg, written, "loss=pi"))

@@ -19,7 +19,8 @@ from kdseg.checkpoint import load_checkpoint, load_model, previous_path, save_ch
 from kdseg.errors import CheckpointError
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
 from kdseg.models import FeatureTaps, build_model, count_params, resolve_module, zero_init_residual_
-from kdseg.train import PolyLR, amp_policy, param_groups
+from kdseg.runtime import amp_policy
+from kdseg.train import PolyLR, param_groups
 
 ENCODERS = ("resnet101", "resnet18", "mobilenet_v2")
 PA_TAP = "decoder.aspp.0.project.1"

@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 import kdseg.tracking
 from kdseg.checkpoint import load_checkpoint, save_checkpoint
 from kdseg.errors import ResumeError
-from kdseg.main import run
 from kdseg.resume import plan_run, read_run
+from kdseg.tasks import run
 
-from .conftest import ROOT, SMOKE, compose_config
+from ..conftest import ROOT, SMOKE, compose_config
 
 JOB = [*SMOKE, "loss=none", "dataset.num_train=8", "trainer.max_iters=null", "trainer.epochs=3"]
 COMPARED = ("train/loss", "train/loss_ce", "train/lr", "val/miou", "val/pixel_acc")

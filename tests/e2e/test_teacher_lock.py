@@ -11,11 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from kdseg.main import get_teacher, teacher_cache_path
+from kdseg.data import build_datasets
+from kdseg.job import build
+from kdseg.teacher import cache_path as teacher_cache_path
+from kdseg.teacher import get_teacher
 
-from .conftest import ROOT, SMOKE, compose_config
+from ..conftest import ROOT, SMOKE, compose_config
 
 TRAINING = "no cached teacher at"
 
@@ -32,12 +36,10 @@ def teacher_runs(root: Path) -> list:
 
 def _job(root: Path, barrier, log: Path) -> None:
     """One spawned job: wait for the other, then get the teacher (training it if missing)."""
-    from kdseg.data import build_datasets
-
     sys.stdout = open(log, "w", buffering=1)
     cfg = compose_config([*overrides(root), f"paths.output_dir={log.with_suffix('')}"])
     barrier.wait()
-    get_teacher(cfg, build_datasets(cfg.dataset))
+    get_teacher(cfg, build_datasets(cfg.dataset), build(cfg.teacher.model), torch.device("cpu"))
 
 
 def test_two_spawned_jobs_train_the_teacher_once(tmp_path):

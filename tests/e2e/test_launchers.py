@@ -8,14 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from .conftest import CONF_DIR, ROOT, SMOKE
+from ..conftest import CONF_DIR, ROOT, SMOKE
 
 
 def test_slurm_launcher_composes_into_sbatch_parameters(tmp_path, monkeypatch):
@@ -153,6 +152,7 @@ def test_parallel_sweep_logs_every_run_to_one_mlflow_server(tmp_path, session_di
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_submitit_job_runs_ddp_inside(tmp_path, session_dir):
     """hydra/launcher=submitit_local with 2 tasks per job: the submitit path for real, one DDP run per job."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,4 +1,5 @@
-"""Multirun seed sweeps: sweep ids, the summary file and MLflow run, and ``python -m kdseg.report``."""
+"""Multiruns: sweep ids, the summary file and MLflow run, ``python -m kdseg.report``, and every sweep in both forms
+(``sweep=X`` and ``--config-dir sweeps --config-name X``)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,13 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from .conftest import ROOT, SMOKE
+from ..conftest import ROOT, SMOKE
+
+SWEEPS = sorted(p.stem for p in (ROOT / "conf" / "sweep").glob("*.yaml"))
+FORMS = {"group": lambda sweep: [f"sweep={sweep}"], "file": lambda sweep: ["--config-dir", str(ROOT / "sweeps"), "--config-name", sweep]}
+"""The two ways to pick a sweep: its config group option, or its file in sweeps/ as the primary config."""
 
 
 def multirun(tmp_path: Path, session_dir: Path, *args: str, default_uri: bool = False, env: dict | None = None) -> tuple[str, Path]:
@@ -65,9 +71,28 @@ def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
     assert "| background |" in report
 
 
+def composed(*args: str) -> tuple[dict, dict]:
+    """The job config and the sweeper's parameters that ``run.py *args`` composes (``--cfg``: nothing runs)."""
+    out = [subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "--cfg", part], capture_output=True, text=True,
+                          check=True, cwd=ROOT, timeout=300).stdout for part in ("job", "hydra")]
+    return OmegaConf.to_container(OmegaConf.create(out[0])), OmegaConf.to_container(OmegaConf.create(out[1]).hydra.sweeper.params)
+
+
+def test_sweeps_are_a_config_group_and_files_with_one_source_each():
+    """sweeps/X.yaml composes exactly what sweep=X does, and holds no parameters of its own."""
+    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == ["paper_table", "seeds", "zoo"]
+    for sweep in SWEEPS:
+        group, file = (composed(*FORMS[form](sweep)) for form in ("group", "file"))
+        assert group == file, sweep
+        assert group[1] == OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sweep" / f"{sweep}.yaml").hydra.sweeper.params)
+        assert "params" not in (ROOT / "sweeps" / f"{sweep}.yaml").read_text()
+    assert composed("sweep=paper_table")[1] == {"student": "resnet18,mobilenet_v2", "loss": "none,pi,pa,pi_pa", "seed": "0,1,2"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
-def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
+@pytest.mark.parametrize("sweep, form", [("paper_table", "group"), ("seeds", "file"), ("zoo", "file")])
+def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep, form):
+    """Each sweep once, in one of the two forms (both forms compose the same config: the test above)."""
     overrides = {
         "paper_table": ["student=mobilenet_v2,resnet18", "loss=none,pi_pa", "seed=0"],
         "seeds": ["seed=0,1"],
@@ -75,8 +100,7 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
     }[sweep]
     # the seeds sweep keeps the default tracking URI, which interpolates ${hydra:runtime.cwd}
     # (the summary callback runs after Hydra has unset its config)
-    uri, sweep_dir = multirun(tmp_path, session_dir, "--config-dir", str(ROOT / "sweeps"), "--config-name", sweep,
-                              *overrides, default_uri=sweep == "seeds")
+    uri, sweep_dir = multirun(tmp_path, session_dir, *FORMS[form](sweep), *overrides, default_uri=sweep == "seeds")
     assert (sweep_dir / "summary.md").is_file()
     assert len(MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("kdseg").experiment_id], "tags.task = 'summary'")) == 1
@@ -96,67 +120,6 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep):
         assert [row.split(" | ")[1:3] for row in summary[3:6]] == [["-", "-"], ["✓", "-"], ["-", "✓"]]
         assert " (1) |" in summary[4] and " (1) |" in summary[5]
         assert (sweep_dir / "qualitative_resnet18.png").is_file() and (sweep_dir / "gains.png").is_file()
-
-
-def _record(student: str, size: str, weights: dict[str, str], seed: int, miou: float):
-    from kdseg.report import RunRecord
-
-    params = {"student.encoder_name": student, "params/student_m": size, "seed": str(seed), "loss.term_order": "pi,pa,kd"}
-    params |= {f"loss.terms.{name}.weight": w for name, w in weights.items()}
-    name = "+".join(n for n, w in weights.items() if float(w) > 0) or "none"
-    return RunRecord(f"{student}-{name}-{seed}", params, {}, miou, miou, 0.5)
-
-
-def test_summary_rows_larger_student_first_then_none_pi_pa_pi_pa():
-    """As in the paper's table: the larger student first, then none, pi, pa, pi + pa (terms in config order)."""
-    from kdseg.report import student_order, summarize, to_markdown
-
-    records = [
-        _record(s, size, {"pi": pi, "pa": pa, "kd": "0"}, seed, 0.1 * seed)
-        for s, size in (("small", "4.4"), ("big", "12.3"), ("alpha", "nan"), ("beta", "nan"))
-        for pi, pa in (("100", "1"), ("0", "0"), ("100", "0"), ("0", "1"))
-        for seed in (0, 1)
-    ]
-    # parameter count decides (a missing count counts as 0), then the name
-    assert student_order(records) == ["big", "small", "alpha", "beta"]
-    rows = summarize(records)
-    assert [(r["student"], r["loss"]) for r in rows[:4]] == [("big", "none"), ("big", "pi"), ("big", "pa"), ("big", "pi+pa")]
-    assert [r["student"] for r in rows[4::4]] == ["small", "alpha", "beta"]
-    assert rows[0]["seeds"] == [0, 1] and rows[0]["final_miou_mean"] == pytest.approx(0.05)
-    # one check-mark column per active term, in the configured order; kd is never on: no column
-    head, _, first, second = to_markdown(rows).splitlines()[:4]
-    assert head.startswith("| model | pi | pa | seeds |")
-    assert first.startswith("| Student big | - | - | 2 |") and second.startswith("| Student big | ✓ | - | 2 |")
-
-
-def test_summary_gain_is_paired_by_seed_against_the_same_students_baseline():
-    from kdseg.report import summarize, to_markdown
-
-    base = {0: 0.20, 1: 0.30, 2: 0.25}
-    kd = {0: 0.23, 1: 0.31, 2: 0.29}  # gains 3, 1, 4 points
-    records = [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, s, v) for s, v in base.items()]
-    records += [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "1"}, s, v) for s, v in kd.items()]
-    records += [_record("r18", "12.3", {"pi": "100", "pa": "0", "kd": "0"}, 5, 0.5)]  # no baseline of seed 5
-    records += [_record("mbv2", "4.4", {"pi": "0", "pa": "0", "kd": "1"}, 0, 0.1)]  # no baseline of this student
-    rows = {(r["student"], r["loss"]): r for r in summarize(records)}
-    gain = rows[("r18", "kd")]
-    assert gain["gain_n"] == 3
-    assert gain["gain_mean"] == pytest.approx(0.08 / 3) and gain["gain_std"] == pytest.approx(0.015275252, rel=1e-6)
-    assert rows[("r18", "pi")]["gain_n"] == 0 and rows[("mbv2", "kd")]["gain_n"] == 0
-    assert rows[("r18", "none")]["gain_n"] == 0
-    assert "| +2.67 ± 1.53 (3) |" in to_markdown(list(rows.values()))
-    assert gain["gain_by_seed"] == pytest.approx({0: 0.03, 1: 0.01, 2: 0.04})
-
-
-def test_gain_figure_only_for_rows_with_a_paired_baseline(tmp_path):
-    from kdseg.report import summarize
-    from kdseg.viz import save_gain_figure
-
-    lone = [_record("r18", "12.3", {"pi": "100", "pa": "0", "kd": "0"}, 0, 0.5)]
-    assert save_gain_figure(tmp_path / "none.png", summarize(lone)) is None and not (tmp_path / "none.png").exists()
-    paired = lone + [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, 0, 0.4)]
-    path = save_gain_figure(tmp_path / "gains.png", summarize(paired))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

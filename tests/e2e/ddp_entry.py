@@ -13,7 +13,7 @@ import torch
 import kdseg.train
 from kdseg import dist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _fit = kdseg.train.Trainer.fit
 
 

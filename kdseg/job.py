@@ -1,0 +1,174 @@
+"""One training job, as every task runs it: plan the run folder, build seeded loaders and a Trainer,
+train (or resume), log checkpoints, skipped samples and real-time figures.
+
+Shared by the tasks (:mod:`kdseg.tasks`) and the teacher cache (:mod:`kdseg.teacher`), which
+trains a teacher as a job of its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdseg import dist
+from kdseg.checkpoint import load_checkpoint
+from kdseg.data import build_loaders
+from kdseg.data.classes import dataset_classes
+from kdseg.data.dataset import OnBadSample
+from kdseg.distill import Distiller, active_terms, term_label
+from kdseg.errors import KdsegError
+from kdseg.profile import model_stats, stats_metrics
+from kdseg.resume import Plan, plan_run, run_config
+from kdseg.runtime import auto_flag, seed_everything
+from kdseg.sweep import current_sweep
+from kdseg.tracking import Tracker, git_commit
+from kdseg.train import Trainer
+
+
+@dataclass
+class FitResult:
+    """A finished training job: its metrics and checkpoints, and the val loader it evaluated on (for figures)."""
+
+    final_miou: float
+    best_miou: float
+    history: list[dict[str, float]]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    val_loader: DataLoader
+
+
+def build(node: DictConfig) -> Any:
+    """``instantiate`` that lets a kdseg error through as itself (Hydra wraps it otherwise)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, KdsegError):
+            raise err.__cause__ from None
+        raise
+
+
+def write_config(cfg: DictConfig, out_dir: Path) -> None:
+    """The resolved config as ``config.yaml`` in the run folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def plan_for(cfg: DictConfig) -> Plan:
+    """Where this training run writes, and the checkpoint it resumes from (``trainer.resume``).
+
+    Under DDP rank 0 decides and the other ranks follow it (same folder, same checkpoint,
+    which each rank loads itself).
+    """
+    plan, error = None, None
+    if dist.is_main():
+        try:
+            plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg), cfg.paths.cache_dir)
+        except KdsegError as err:
+            error = err
+    if dist.world_size() > 1:  # rank 0's plan, or its error message
+        shared = dist.broadcast_object(str(error) if plan is None else (plan.out_dir, plan.config, plan.run_uid, plan.checkpoint_path))
+        if error is None and isinstance(shared, str):
+            raise KdsegError(f"rank 0 could not plan this run: {shared}")
+        if not dist.is_main():
+            out_dir, config, run_uid, path = shared
+            plan = Plan(out_dir, config, run_uid, load_checkpoint(path) if path else None, path)
+    if error is not None:
+        raise error
+    if dist.is_main():
+        write_config(cfg, plan.out_dir)
+        if plan.resuming:
+            print(f"resuming {plan.out_dir} after epoch {plan.checkpoint['epoch']} ({plan.checkpoint_path.name})", flush=True)
+    return plan
+
+
+def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
+    """The MLflow tags of a run: what it is (task, models, loss, dataset, seed), its sweep and commit."""
+    sweep_id, sweep_dir = current_sweep()
+    terms = active_terms({name: term.weight for name, term in cfg.loss.terms.items()})
+    return {
+        "task": task,
+        "student": student or "-",
+        "teacher": cfg.teacher.model.encoder_name,
+        "loss": term_label(terms) if task == "distill" else "ce",
+        "dataset": cfg.dataset.name,
+        "seed": str(cfg.seed),
+        "sweep_id": sweep_id,
+        "sweep_dir": sweep_dir,
+        "git_commit": git_commit(Path(__file__).parent),
+    }
+
+
+def fit(
+    cfg: DictConfig,
+    tracker: Tracker,
+    model: Distiller,
+    datasets: tuple,
+    plan: Plan,
+    device: torch.device,
+    *,
+    trainer_cfg: DictConfig,
+    epochs: int,
+    model_cfg: dict,
+    seed: int,
+) -> FitResult:
+    """Build seeded loaders and a Trainer (``trainer_cfg``: the student's ``trainer`` or a teacher's
+    settings), train (or resume) for ``epochs``, and log the run's checkpoints."""
+    seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
+    train_loader, val_loader = build_loaders(
+        *datasets, trainer_cfg.batch_size, trainer_cfg.num_workers, seed,
+        pin_memory=auto_flag(trainer_cfg.pin_memory, device), persistent_workers=trainer_cfg.persistent_workers,
+    )
+    run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config, "mlflow_run_id": tracker.run_id}
+    trainer = Trainer(
+        model, train_loader, val_loader, cfg=trainer_cfg, epochs=epochs,
+        num_classes=cfg.dataset.num_classes, class_names=dataset_classes(cfg.dataset.name).names,
+        out_dir=plan.out_dir, model_config=model_cfg,
+        log=tracker.log_metrics, device=device, run_info=run_info, eval_cfg=cfg.eval,
+    )
+    if plan.resuming:
+        trainer.restore(plan.checkpoint, plan.checkpoint_path)
+        logged = tracker.logged_steps("train/loss") if tracker.run_id else set()
+        for epoch, metrics in enumerate(trainer.history, start=1):
+            if tracker.run_id and epoch not in logged:
+                tracker.log_metrics(metrics, epoch)  # killed between its checkpoint and its log
+    out = trainer.fit()
+    result = FitResult(out["final_miou"], out["best_miou"], out["history"], out["best_checkpoint"], out["last_checkpoint"], val_loader)
+    if cfg.logger.log_checkpoints:
+        for path in (result.best_checkpoint, result.last_checkpoint):
+            tracker.log_artifact(path, "checkpoints")
+    return result
+
+
+def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) -> None:
+    """With ``dataset.on_bad_sample=skip``: list the left-out samples in bad_samples.txt, log their count."""
+    if cfg.dataset.on_bad_sample != OnBadSample.skip or plan.resuming:
+        return
+    counts = {f"data/skipped_{split}": len(ds.skipped) for split, ds in zip(("train", "val"), datasets)}
+    tracker.log_metrics(counts, 0)
+    lines = [f"{split}\t{p.path}\t{p.message}\n" for split, ds in zip(("train", "val"), datasets) for p in ds.skipped]
+    if lines:
+        path = plan.out_dir / "bad_samples.txt"
+        path.write_text("".join(lines))
+        tracker.log_artifact(path)
+        print(f"warning: skipped {len(lines)} bad sample(s) (train {counts['data/skipped_train']}, "
+              f"val {counts['data/skipped_val']}); listed in {path}", flush=True)
+
+
+def log_speed(cfg: DictConfig, tracker: Tracker, models: dict[str, nn.Module | None], device: torch.device) -> None:
+    """Measure each model's real-time figures at ``dataset.eval_size`` and log them as ``speed/<name>_*``."""
+    if not cfg.speed.enabled:
+        return
+    size = tuple(cfg.dataset.eval_size)
+    for name, model in models.items():
+        if model is not None:
+            stats = model_stats(model, size, device, cfg.speed.repeats, cfg.speed.warmup)
+            tracker.log_metrics({k: v for k, v in stats_metrics(stats, name).items() if k.startswith("speed/")}, 0)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    tracker.set_tags({"speed_device": f"{where}, batch 1 at {size[0]}x{size[1]}"})

@@ -1,0 +1,123 @@
+"""The teacher: trained as its own job (``teacher.train``), cached for generated datasets, loaded for distillation.
+
+On a generated dataset (the built-in one) a missing teacher is trained once and cached under
+``<paths.cache_dir>/teachers/``; a file lock keeps parallel jobs (sweeps, DDP ranks) from
+training it twice. The cache key is everything that decides which teacher comes out: the
+dataset (what data), ``teacher.model`` (which network) and ``teacher.train`` (how it is trained:
+its epochs and seed, and the optimisation settings it shares with the student's training).
+On real data the user trains one with ``task=teacher`` and passes ``teacher.checkpoint``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdseg import dist
+from kdseg.checkpoint import check_model, load_checkpoint, load_weights, model_config
+from kdseg.distill import Distiller
+from kdseg.errors import ConfigError
+from kdseg.job import FitResult, build, fit, log_skipped, log_speed, tags_for
+from kdseg.models import count_params
+from kdseg.resume import Plan, plan_run
+from kdseg.runtime import seed_everything
+from kdseg.tracking import Tracker, run_params
+from kdseg.utils import digest
+
+CACHE_KEY_CHARS = 12
+"""Hex digits of a cached teacher's key in its file name (48 bits: the teachers one cache holds do not collide)."""
+NOT_DATA_KEYS = ("on_bad_sample",)
+"""Dataset keys that do not change which data a teacher learns from (how bad files are handled)."""
+
+
+def cache_key(cfg: DictConfig) -> dict:
+    """What decides the teacher ``cfg`` would train: the dataset, ``teacher.model`` and ``teacher.train``, resolved.
+
+    A generated dataset's root is left out: its files are a function of its other settings.
+    """
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in NOT_DATA_KEYS + (("root",) if cfg.dataset.generated else ()):
+        dataset.pop(key)
+    return {
+        "dataset": dataset,
+        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+        "train": OmegaConf.to_container(cfg.teacher.train, resolve=True),
+    }
+
+
+def cache_path(cfg: DictConfig) -> Path:
+    """Cache file of the teacher that ``cfg`` would train (:func:`cache_key`)."""
+    name = f"{cfg.teacher.model.encoder_name}-{cfg.dataset.name}-{digest(cache_key(cfg), CACHE_KEY_CHARS)}.pt"
+    return Path(cfg.paths.cache_dir) / "teachers" / name
+
+
+def trainer_config(cfg: DictConfig) -> DictConfig:
+    """The ``trainer`` config a teacher trains with: the student's, with ``teacher.train``'s settings
+    (its epochs and the shared ones it may set itself) in place."""
+    shared = {key: value for key, value in cfg.teacher.train.items() if key in cfg.trainer}
+    return OmegaConf.merge(cfg.trainer, shared)
+
+
+def train_teacher(
+    cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan, device: torch.device, cache_dir: str | None
+) -> FitResult:
+    """Train (or resume training) a teacher with cross-entropy only, as its own MLflow run."""
+    train = cfg.teacher.train
+    seed_everything(train.seed)
+    teacher = build(cfg.teacher.model)
+    params = run_params(cfg, dist.world_size()) | {"params/teacher_m": count_params(teacher) / 1e6}
+    name = f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}"
+    with plan.active("teacher", cache_dir), tracker.run(name, params, tags_for(cfg, "teacher", None), plan.mlflow_run_id, plan.out_dir):
+        log_skipped(cfg, tracker, datasets, plan)
+        result = fit(
+            cfg, tracker, Distiller(teacher), datasets, plan, device,
+            trainer_cfg=trainer_config(cfg), epochs=train.epochs, model_cfg=model_config(cfg.teacher.model), seed=train.seed,
+        )
+        if dist.is_main():
+            log_speed(cfg, tracker, {"teacher": teacher}, device)
+    print(f"teacher val mIoU {100 * result.final_miou:.2f} -> {result.last_checkpoint}")
+    return result
+
+
+def cached_teacher(cfg: DictConfig, datasets: tuple, device: torch.device) -> Path:
+    """The generated dataset's cached teacher checkpoint, trained first if it is missing.
+
+    A cached teacher whose training was interrupted is resumed (unless ``trainer.resume=off``).
+    """
+    path = cache_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with dist.main_first(), FileLock(f"{path}.lock"):  # other ranks wait for rank 0, then find the file
+        if not path.exists():
+            print(f"no cached teacher at {path}: training one ({cfg.teacher.train.epochs} epochs)", flush=True)
+            t0 = time.perf_counter()
+            with dist.single_process():  # rank 0 alone: the cached teacher does not depend on the world size
+                mode = "off" if cfg.trainer.resume == "off" else "auto"
+                plan = plan_run(mode, path.parent / f"{path.stem}-run", {"teacher_cache": path.name})
+                result = train_teacher(cfg, Tracker.from_config(cfg.logger), datasets, plan, device, None)
+            result.last_checkpoint.replace(path)
+            print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
+    return path
+
+
+def get_teacher(cfg: DictConfig, datasets: tuple, teacher: nn.Module, device: torch.device) -> tuple[dict, Path]:
+    """Load the configured teacher checkpoint, or on a generated dataset the cached one (trained
+    first if missing), into ``teacher`` (a model of the configured architecture); returns the
+    checkpoint and its path."""
+    expect = {key: cfg.teacher.model[key] for key in ("encoder_name", "output_stride")} | {"classes": cfg.dataset.num_classes}
+    if cfg.teacher.checkpoint is not None:
+        path = Path(cfg.teacher.checkpoint)
+    elif not cfg.dataset.generated:
+        raise ConfigError(
+            f"teacher.checkpoint is null and dataset={cfg.dataset.name}: train a teacher first "
+            "(python run.py task=teacher dataset=...) and pass teacher.checkpoint=PATH"
+        )
+    else:
+        path = cached_teacher(cfg, datasets, device)
+    ckpt = load_checkpoint(path)
+    check_model(path, ckpt, expect)
+    load_weights(path, teacher, ckpt)
+    return ckpt, path

@@ -1,0 +1,37 @@
+"""Small helpers shared by tracking, resuming, the teacher cache and sweeps (a leaf module)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=Enum)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out |= flatten(value, name) if isinstance(value, dict) and value else {name: value}
+    return out
+
+
+def choice(options: type[E], value: Any, key: str) -> E:
+    """``value`` as a member of the Enum ``options``, or a ValueError naming ``key`` and the valid values.
+
+    For functions that take a config choice as an argument: the valid values are the Enum's,
+    defined once (the config schema checks config values against the same Enum).
+    """
+    try:
+        return options(value)
+    except ValueError:
+        raise ValueError(f"{key} must be one of {', '.join(str(m.value) for m in options)}, got '{value}'") from None
+
+
+def digest(content: Any, chars: int) -> str:
+    """The first ``chars`` hex digits of the SHA-256 of ``content`` as sorted JSON (non-JSON values as ``str``)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:chars]

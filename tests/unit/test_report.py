@@ -1,0 +1,65 @@
+"""The sweep summary (kdseg.report): row order and the gain over the baseline, paired by seed, and its figure (kdseg.viz)."""
+from __future__ import annotations
+
+import pytest
+
+
+def _record(student: str, size: str, weights: dict[str, str], seed: int, miou: float):
+    from kdseg.report import RunRecord
+
+    params = {"student.encoder_name": student, "params/student_m": size, "seed": str(seed), "loss.term_order": "pi,pa,kd"}
+    params |= {f"loss.terms.{name}.weight": w for name, w in weights.items()}
+    name = "+".join(n for n, w in weights.items() if float(w) > 0) or "none"
+    return RunRecord(f"{student}-{name}-{seed}", params, {}, miou, miou, 0.5)
+
+
+def test_summary_rows_larger_student_first_then_none_pi_pa_pi_pa():
+    """As in the paper's table: the larger student first, then none, pi, pa, pi + pa (terms in config order)."""
+    from kdseg.report import student_order, summarize, to_markdown
+
+    records = [
+        _record(s, size, {"pi": pi, "pa": pa, "kd": "0"}, seed, 0.1 * seed)
+        for s, size in (("small", "4.4"), ("big", "12.3"), ("alpha", "nan"), ("beta", "nan"))
+        for pi, pa in (("100", "1"), ("0", "0"), ("100", "0"), ("0", "1"))
+        for seed in (0, 1)
+    ]
+    # parameter count decides (a missing count counts as 0), then the name
+    assert student_order(records) == ["big", "small", "alpha", "beta"]
+    rows = summarize(records)
+    assert [(r["student"], r["loss"]) for r in rows[:4]] == [("big", "none"), ("big", "pi"), ("big", "pa"), ("big", "pi+pa")]
+    assert [r["student"] for r in rows[4::4]] == ["small", "alpha", "beta"]
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["final_miou_mean"] == pytest.approx(0.05)
+    # one check-mark column per active term, in the configured order; kd is never on: no column
+    head, _, first, second = to_markdown(rows).splitlines()[:4]
+    assert head.startswith("| model | pi | pa | seeds |")
+    assert first.startswith("| Student big | - | - | 2 |") and second.startswith("| Student big | ✓ | - | 2 |")
+
+
+def test_summary_gain_is_paired_by_seed_against_the_same_students_baseline():
+    from kdseg.report import summarize, to_markdown
+
+    base = {0: 0.20, 1: 0.30, 2: 0.25}
+    kd = {0: 0.23, 1: 0.31, 2: 0.29}  # gains 3, 1, 4 points
+    records = [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, s, v) for s, v in base.items()]
+    records += [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "1"}, s, v) for s, v in kd.items()]
+    records += [_record("r18", "12.3", {"pi": "100", "pa": "0", "kd": "0"}, 5, 0.5)]  # no baseline of seed 5
+    records += [_record("mbv2", "4.4", {"pi": "0", "pa": "0", "kd": "1"}, 0, 0.1)]  # no baseline of this student
+    rows = {(r["student"], r["loss"]): r for r in summarize(records)}
+    gain = rows[("r18", "kd")]
+    assert gain["gain_n"] == 3
+    assert gain["gain_mean"] == pytest.approx(0.08 / 3) and gain["gain_std"] == pytest.approx(0.015275252, rel=1e-6)
+    assert rows[("r18", "pi")]["gain_n"] == 0 and rows[("mbv2", "kd")]["gain_n"] == 0
+    assert rows[("r18", "none")]["gain_n"] == 0
+    assert "| +2.67 ± 1.53 (3) |" in to_markdown(list(rows.values()))
+    assert gain["gain_by_seed"] == pytest.approx({0: 0.03, 1: 0.01, 2: 0.04})
+
+
+def test_gain_figure_only_for_rows_with_a_paired_baseline(tmp_path):
+    from kdseg.report import summarize
+    from kdseg.viz import save_gain_figure
+
+    lone = [_record("r18", "12.3", {"pi": "100", "pa": "0", "kd": "0"}, 0, 0.5)]
+    assert save_gain_figure(tmp_path / "none.png", summarize(lone)) is None and not (tmp_path / "none.png").exists()
+    paired = lone + [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, 0, 0.4)]
+    path = save_gain_figure(tmp_path / "gains.png", summarize(paired))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

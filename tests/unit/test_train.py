@@ -1,0 +1,90 @@
+"""The training loop (kdseg.train): the NaN / inf guard, fp16 skipped steps, and a distillation step on CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdseg.distill import Distiller
+from kdseg.errors import NonFiniteLossError
+from kdseg.losses import PairwiseLoss, PixelwiseLoss
+from kdseg.models import build_model
+from kdseg.train import NonFiniteGuard, Trainer, evaluate
+
+
+def test_guard_names_the_first_bad_term_and_iteration():
+    guard = NonFiniteGuard()
+    finite = {"ce": torch.tensor(1.0), "pi": torch.tensor(0.5)}
+    guard.add(1, torch.tensor(1.5), finite)
+    guard.check()
+    guard.add(2, torch.tensor(1.5), finite)
+    guard.add(3, torch.tensor(float("inf")), {"ce": torch.tensor(1.0), "pi": torch.tensor(float("inf"))})
+    guard.add(4, torch.tensor(float("nan")), {"ce": torch.tensor(float("nan")), "pi": torch.tensor(0.5)})
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite loss at iteration 3: loss_pi = inf, loss = inf; training stopped, see$"):
+        guard.check(", see")
+
+
+class Toy(nn.Module):
+    """A 1x1-conv 'student' whose fp16 gradients overflow at the scaler's initial scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = nn.Conv2d(3, 21, 1)
+
+    def forward(self, images, masks):
+        logits = self.student(images)
+        ce = F.cross_entropy(logits.float(), masks)
+        return ce, {"ce": ce.detach()}, logits
+
+
+def test_fp16_skipped_steps_are_counted_not_errors(make_cfg, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = 100 * torch.randn(16, 3, 8, 8, generator=generator)
+    masks = torch.randint(0, 21, (16, 8, 8), generator=generator)
+    train = DataLoader(TensorDataset(images, masks), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(TensorDataset(images[:4], masks[:4]), batch_size=2)
+    cfg = make_cfg("trainer.amp=fp16", "trainer.channels_last=false", "trainer.max_iters=null").trainer
+    logged = []
+    trainer = Trainer(Toy(), train, val, cfg=cfg, epochs=1, num_classes=21, out_dir=tmp_path, model_config={},
+                      log=lambda metrics, step: logged.append(metrics), device=torch.device("cpu"))
+    assert trainer.scaler.is_enabled()
+    trainer.fit()
+    skipped = logged[0]["train/amp_skipped_steps"]
+    assert 1 <= skipped < 8 and trainer.iteration == 8
+    assert trainer.scaler.get_scale() == 65536.0 / 2**skipped
+
+
+def test_a_trainer_sets_no_process_wide_switch(make_cfg, tmp_path):
+    """Threads and cuDNN flags belong to the process: set once when a task starts (kdseg.runtime), never by a Trainer."""
+    before = torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    cfg = make_cfg(f"trainer.num_threads={before[0] + 1}", "trainer.deterministic=true", "trainer.cudnn_benchmark=true").trainer
+    Trainer(Toy(), [None], [None], cfg=cfg, epochs=1, num_classes=21, out_dir=tmp_path, model_config={}, device=torch.device("cpu"))
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == before
+
+
+@pytest.mark.gpu
+def test_distillation_step_and_evaluation_on_cuda_with_amp_auto(make_cfg, tmp_path):
+    """The default speed switches on a GPU: autocast in bf16 (fp16 + GradScaler where bf16 is missing),
+    channels_last, the frozen teacher left untouched, finite losses, and an evaluation under autocast."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet18", classes=21), build_model("resnet18", classes=21)
+    model = Distiller(student, teacher, {"pi": PixelwiseLoss(100), "pa": PairwiseLoss(1)}, input_size=64)
+    frozen = {name: value.clone() for name, value in teacher.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(2, 3, 64, 64, generator=generator), torch.randint(0, 21, (2, 64, 64), generator=generator)
+    batches = [(images, masks)]
+    trainer = Trainer(model, batches, batches, cfg=make_cfg("trainer.device=cuda").trainer, epochs=1, num_classes=21,
+                      out_dir=tmp_path, model_config={}, device=device)
+    bf16 = torch.cuda.is_bf16_supported()
+    assert trainer.amp_dtype == (torch.bfloat16 if bf16 else torch.float16) and trainer.scaler.is_enabled() is not bf16
+    assert trainer.memory_format == torch.channels_last
+    loss, parts, _ = trainer.train_step(images, masks)
+    assert loss.is_cuda and set(parts) == {"ce", "pi", "pa"}
+    assert torch.isfinite(loss) and all(torch.isfinite(value) for value in parts.values())
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value.cpu(), frozen[name]), name
+    result = evaluate(trainer.student, batches, 21, device, trainer.amp_dtype)
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["pixel_acc"] <= 1.0
