@@ -21,7 +21,10 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
-SMOKE = ["trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64", "speed.repeats=2", "speed.warmup=1"]
+SMOKE = [
+    "trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64", "speed.repeats=2", "speed.warmup=1",
+    "logger.log_checkpoints=false",  # each test run's checkpoints stay in its folder, not copied into MLflow (disk)
+]
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: every collected test is seen

@@ -23,7 +23,7 @@ def mlflow_run(cfg, run_name: str):
 
 
 def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
-    cfg = make_cfg("student=resnet18", "loss.pi_lambda=100", "logger.run_name=e2e-distill")
+    cfg = make_cfg("student=resnet18", "loss.pi_lambda=100", "logger.run_name=e2e-distill", "logger.log_checkpoints=true")
     miou = run(cfg)
     assert 0.0 <= miou <= 1.0
     out = tmp_path / "out"
