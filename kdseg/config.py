@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
@@ -21,7 +22,7 @@ from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
 from kdseg.errors import ConfigError
 from kdseg.inference import eval_settings
 from kdseg.models import check_encoder
-from kdseg.schema import Check, Config
+from kdseg.schema import SCHEMA, Check, Config
 
 __all__ = ["ConfigError", "cross_checks", "validate"]
 
@@ -127,7 +128,8 @@ def _check_fields(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the key, the value and what was expected, or return: the config is usable."""
     try:
-        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))  # resolves and types every value
+        schema = ConfigStore.instance().load(f"{SCHEMA}.yaml").node  # Config, as registered in kdseg.schema
+        OmegaConf.to_object(OmegaConf.merge(schema, cfg))  # resolves and types every value
     except OmegaConfBaseException as err:
         raise _schema_error(err) from None
     _check_fields(cfg)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from kdseg.data.classes import DATASET_NAMES
@@ -241,3 +242,9 @@ class Config:
     logger: LoggerConf = MISSING
     paths: PathsConf = MISSING
     speed: SpeedConf = MISSING
+
+
+SCHEMA = "kdseg_schema"
+"""The name :class:`Config` is registered under in Hydra's ConfigStore (``validate`` merges into it;
+a config of your own can also list it in its defaults to be typed while Hydra composes it)."""
+ConfigStore.instance().store(name=SCHEMA, node=Config)

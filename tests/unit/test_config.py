@@ -192,3 +192,16 @@ def test_schema_errors_are_one_line_naming_key_value_and_expectation(make_cfg, o
         validate(make_cfg(override))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
+
+
+def test_the_schema_is_in_hydras_config_store_and_types_a_composed_config():
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from kdseg.schema import SCHEMA
+
+    schema = ConfigStore.instance().load(f"{SCHEMA}.yaml").node
+    assert set(schema) >= {"task", "seed", "teacher", "student", "dataset", "loss", "trainer", "eval", "logger", "paths", "speed"}
+    with pytest.raises(ValidationError, match="batch_size"):
+        OmegaConf.merge(schema, {"trainer": {"batch_size": "eight"}})
