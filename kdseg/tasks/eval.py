@@ -25,7 +25,7 @@ def run_eval(cfg: DictConfig, tracker: Tracker, device: torch.device) -> float:
     _, val_set = build_datasets(cfg.dataset)
     _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed)
     settings = eval_settings(cfg.eval)
-    with tracker.run(f"eval-{path.stem}", run_params(cfg, dist.world_size()) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None)):
+    with tracker.run(cfg.logger.run_name or f"eval-{path.stem}", run_params(cfg, dist.world_size()) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None)):
         result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress, eval_cfg=settings)
         tracker.log_metrics(epoch_metrics(result, dataset_classes(cfg.dataset.name).names), 0)
     print(f"{path}: val mIoU {100 * result['miou']:.2f}, pixel acc {100 * result['pixel_acc']:.2f} (eval {settings.describe()})")

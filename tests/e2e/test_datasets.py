@@ -156,6 +156,13 @@ def test_teacher_then_eval_and_figure_use_the_dataset_classes(written, make_cfg,
     for run_name in (f"teacher-resnet18-{written.name}", "eval-last"):
         metrics = mlflow_run(cfg, run_name, written.name).data.metrics
         assert f"val/iou/{present}" in metrics and "val/iou/background" not in metrics, run_name
+    # every evaluation mode on the dataset's own (odd-sized) val images, logged with its class names
+    for mode in ("slide", "ms_flip"):
+        cfg = dataset_cfg(make_cfg, written, "task=eval", f"checkpoint={checkpoint}", f"eval={mode}", "eval.crop=32",
+                          "eval.scales=[0.75,1.0]", f"logger.run_name=eval-{mode}")
+        assert 0.0 <= run(cfg) <= 1.0
+        metrics = mlflow_run(cfg, f"eval-{mode}", written.name).data.metrics
+        assert f"val/iou/{present}" in metrics and "val/iou/background" not in metrics, mode
     drawn = {}
 
     def save_grid(path, images, rows, palette=None):
