@@ -40,11 +40,7 @@ def save_prediction_grid(
     ``rows`` is e.g. ``[("ground truth", masks), ("teacher", pred_t), ("student", pred_s)]``,
     each a K x H x W tensor of class indices, drawn in ``palette`` (the dataset's; default VOC's).
     """
-    import matplotlib  # imported when a figure is drawn: a second of start-up that runs without figures skip
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     k = images.shape[0]
     n = len(rows) + 1
     fig, axes = plt.subplots(n, k, figsize=(1.6 * k + 1.2, 1.6 * n), squeeze=False)
@@ -60,12 +56,7 @@ def save_prediction_grid(
                 ax.set_ylabel(label, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str | None = None) -> Path | None:
@@ -74,11 +65,7 @@ def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str |
 
     None when no row has a paired baseline.
     """
-    import matplotlib  # imported when a figure is drawn, as in save_prediction_grid
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in rows if r.get("gain_n")]
     if not rows:
         return None
@@ -95,6 +82,23 @@ def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str |
     ax.invert_yaxis()
     ax.set_xlabel("val mIoU gain over the baseline, paired by seed (points)")
     ax.set_title(title or "mean ± std over seeds; dots: seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported when a figure is drawn: a second of start-up that
+    runs without figures skip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; returns the path."""
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ from mlflow.tracking import MlflowClient
 
 from kdseg.tracking import HTTP_DEFAULTS, Tracker
 
+from ..flaky_store import FlakyStore, steps
+
 # ------------------------------------------------------------------- an unreliable store
 
 
@@ -19,29 +21,6 @@ def test_unreachable_store_is_a_clear_error_before_training(make_cfg, tmp_path, 
     with pytest.raises(TrackingError, match=r"MLflow tracking store 'http://127\.0\.0\.1:9' is not reachable .*logger=none"):
         run(cfg)
     assert not (tmp_path / "out").exists()
-
-
-class FlakyStore:
-    """Makes ``MlflowClient.log_batch`` fail while ``down`` is true (or for the next ``fail_next`` calls)."""
-
-    def __init__(self, monkeypatch):
-        from mlflow.tracking import MlflowClient
-
-        self.down, self.fail_next, self.calls = False, 0, 0
-        original = MlflowClient.log_batch
-
-        def log_batch(client, *args, **kwargs):
-            self.calls += 1
-            if self.down or self.fail_next > 0:
-                self.fail_next -= 1
-                raise ConnectionError("store unavailable")
-            return original(client, *args, **kwargs)
-
-        monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
-
-
-def steps(uri: str, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
 def test_training_survives_an_outage_and_every_metric_arrives(make_cfg, monkeypatch, capsys):

@@ -7,6 +7,8 @@ from mlflow.tracking import MlflowClient
 from kdseg.tracking import PENDING_FILE, Tracker
 from kdseg.utils import flatten
 
+from ..flaky_store import FlakyStore, steps
+
 
 def test_flatten_joins_nested_keys_and_keeps_lists():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
@@ -31,29 +33,6 @@ def test_disabled_tracker_does_nothing():
     with tracker.run("r", {}, {}) as run_id:
         tracker.log_metrics({"a": 1.0}, 0)
     assert run_id is None
-
-
-class FlakyStore:
-    """Makes ``MlflowClient.log_batch`` fail while ``down`` is true (or for the next ``fail_next`` calls)."""
-
-    def __init__(self, monkeypatch):
-        from mlflow.tracking import MlflowClient
-
-        self.down, self.fail_next, self.calls = False, 0, 0
-        original = MlflowClient.log_batch
-
-        def log_batch(client, *args, **kwargs):
-            self.calls += 1
-            if self.down or self.fail_next > 0:
-                self.fail_next -= 1
-                raise ConnectionError("store unavailable")
-            return original(client, *args, **kwargs)
-
-        monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
-
-
-def steps(uri: str, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
 def test_transient_failure_is_retried(session_dir, monkeypatch, capsys):

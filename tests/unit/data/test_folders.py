@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,82 +24,7 @@ from kdseg.errors import ConfigError, DataError, MissingDataError
 from kdseg.report import class_ious
 from kdseg.viz import colorize
 
-# Stored value -> class index, by hand from the datasets' documentation (255: ignored).
-# Cityscapes labelIds: unlabeled 0, ego vehicle 1 -> ignored; road 7 -> 0, sidewalk 8 -> 1,
-# person 24 -> 11, car 26 -> 13, parking 9 (trainId 255) -> ignored, bicycle 33 -> 18.
-CITYSCAPES_MAP = {0: 255, 1: 255, 7: 0, 8: 1, 9: 255, 24: 11, 26: 13, 33: 18}
-# ADE20K: 0 ("other") -> ignored, k -> k - 1, 255 -> ignored.
-ADE20K_MAP = {0: 255, 1: 0, 2: 1, 75: 74, 150: 149, 255: 255}
-
-# relative name -> (width, height); sorted by name, the order the reader lists them in.
-# The two val images share one (odd) size, so a batch of both pads them as a batch of one does.
-SPLITS = {
-    "cityscapes": {
-        "train": {"aachen/aachen_000000_000019": (67, 45), "aachen/aachen_000001_000019": (45, 67), "bochum/bochum_000000_000313": (81, 37)},
-        "val": {"frankfurt/frankfurt_000000_000294": (59, 41), "lindau/lindau_000000_000019": (59, 41)},
-    },
-    "ade20k": {
-        "training": {"ADE_train_00000001": (67, 45), "ADE_train_00000002": (45, 67), "ADE_train_00000003": (81, 37)},
-        "validation": {"ADE_val_00000001": (59, 41), "ADE_val_00000002": (59, 41)},
-    },
-}
-FIRST_CLASS = {"cityscapes": ("road", 7), "ade20k": ("wall", 1)}  # a class every val mask holds, and its stored value
-
-
-@dataclass
-class Written:
-    """A dataset folder written by a test: per split, (image, mask, class indices by hand)."""
-
-    name: str
-    root: Path
-    splits: dict[str, list[tuple[Path, Path, np.ndarray]]]
-
-    @property
-    def train(self) -> list[tuple[Path, Path, np.ndarray]]:
-        return next(iter(self.splits.values()))
-
-    @property
-    def val(self) -> list[tuple[Path, Path, np.ndarray]]:
-        return list(self.splits.values())[1]
-
-
-def _paths(name: str, root: Path, split: str, stem: str) -> tuple[Path, Path]:
-    if name == "cityscapes":
-        return root / "leftImg8bit" / split / f"{stem}_leftImg8bit.png", root / "gtFine" / split / f"{stem}_gtFine_labelIds.png"
-    return root / "images" / split / f"{stem}.jpg", root / "annotations" / split / f"{stem}.png"
-
-
-def _stored(rng: np.random.Generator, values: list[int], width: int, height: int, first: int) -> np.ndarray:
-    """7-px blocks of random stored values; the top-left block holds ``first``."""
-    blocks = rng.choice(np.array(values, dtype=np.uint8), (height // 7 + 1, width // 7 + 1))
-    blocks[0, 0] = first
-    return blocks.repeat(7, axis=0).repeat(7, axis=1)[:height, :width]
-
-
-def write_dataset(name: str, root: Path) -> Written:
-    """The dataset's folder layout with a few images; Cityscapes also gets the *_color /
-    *_instanceIds / *_polygons.json files that gtFine holds, which the reader must pass over."""
-    rng = np.random.default_rng(0)
-    mapping = CITYSCAPES_MAP if name == "cityscapes" else ADE20K_MAP
-    splits = {}
-    for split, samples in SPLITS[name].items():
-        splits[split] = []
-        for stem, (width, height) in samples.items():
-            image_path, mask_path = _paths(name, root, split, stem)
-            for path in (image_path, mask_path):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 256, (height // 9 + 1, width // 9 + 1, 3), dtype=np.uint8)
-            Image.fromarray(pixels).resize((width, height)).save(image_path)
-            stored = _stored(rng, list(mapping), width, height, FIRST_CLASS[name][1])
-            Image.fromarray(stored).save(mask_path)
-            if name == "cityscapes":
-                base = str(mask_path).removesuffix("_labelIds.png")
-                Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(f"{base}_color.png")
-                Image.fromarray(stored.astype(np.uint16) * 1000).save(f"{base}_instanceIds.png")  # 16-bit, as the real ones
-                Path(f"{base}_polygons.json").write_text("{}")
-            expected = np.vectorize(mapping.__getitem__)(stored).astype(np.uint8)
-            splits[split].append((image_path, mask_path, expected))
-    return Written(name, root, splits)
+from ...real_layouts import CITYSCAPES_MAP, SPLITS, Written, write_dataset
 
 
 @pytest.fixture(params=["cityscapes", "ade20k"])
