@@ -19,6 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from .real_layouts import Written, write_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 SMOKE = [
@@ -67,3 +69,10 @@ def make_cfg(session_dir: Path, tmp_path: Path):
         return compose_config(paths + (SMOKE if smoke else []) + list(overrides))
 
     return make
+
+
+@pytest.fixture(params=["cityscapes", "ade20k"])
+def written(request, tmp_path: Path) -> Written:
+    """A small Cityscapes or ADE20K folder in its real layout (tests/real_layouts.py)."""
+    folder = "cityscapes" if request.param == "cityscapes" else "ADEChallengeData2016"
+    return write_dataset(request.param, tmp_path / folder)

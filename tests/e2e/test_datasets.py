@@ -19,13 +19,7 @@ from kdseg.figure import qualitative_figure
 from kdseg.tasks import run
 from kdseg.viz import save_prediction_grid
 
-from ..real_layouts import FIRST_CLASS, Written, write_dataset
-
-
-@pytest.fixture(params=["cityscapes", "ade20k"])
-def written(request, tmp_path: Path) -> Written:
-    folder = "cityscapes" if request.param == "cityscapes" else "ADEChallengeData2016"
-    return write_dataset(request.param, tmp_path / folder)
+from ..real_layouts import FIRST_CLASS, Written
 
 
 def dataset_cfg(make_cfg, data: Written, *overrides: str):

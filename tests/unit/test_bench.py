@@ -47,6 +47,7 @@ def _trainer(make_cfg, *overrides: str, terms: bool = False) -> Trainer:
 
 # ------------------------------------------------------------------ the benchmark itself
 
+@pytest.mark.slow  # ~30 s: a whole bench at tiny size
 def test_bench_runs_at_tiny_size_and_prints_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench.main([*TINY, "--no-ablations", "--json", str(out), f"paths.data_dir={tmp_path}/data"])

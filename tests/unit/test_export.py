@@ -108,12 +108,16 @@ def test_cli_writes_next_to_the_checkpoint_at_its_training_crop(tmp_path):
         (["checkpoint=does/not/exist.pt"], "error: checkpoint 'does/not/exist.pt' does not exist"),
     ],
 )
-def test_cli_bad_arguments_are_one_error_line(args, message):
-    proc = run_cli(*args)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith(message)
-    assert proc.stdout == ""
+def test_cli_bad_arguments_are_one_error_line(args, message, monkeypatch, capsys):
+    """In process (the subprocess round trip is test_cli_writes_next_to_the_checkpoint_at_its_training_crop's):
+    ``SystemExit`` with a one-line message is what Python prints to stderr with exit code 1."""
+    monkeypatch.delenv("KDSEG_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        kexport.main(args)
+    text = exit_info.value.code
+    assert isinstance(text, str) and text.startswith(message)
+    assert text.splitlines() == [text]
+    assert capsys.readouterr().out == ""
 
 
 def test_a_mismatch_beyond_atol_keeps_no_onnx_file(tmp_path, monkeypatch):

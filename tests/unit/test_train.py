@@ -39,6 +39,7 @@ class Toy(nn.Module):
         return ce, {"ce": ce.detach()}, logits
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")  # the skipped step
 def test_fp16_skipped_steps_are_counted_not_errors(make_cfg, tmp_path):
     generator = torch.Generator().manual_seed(0)
     images = 100 * torch.randn(16, 3, 8, 8, generator=generator)

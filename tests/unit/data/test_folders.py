@@ -24,13 +24,7 @@ from kdseg.errors import ConfigError, DataError, MissingDataError
 from kdseg.report import class_ious
 from kdseg.viz import colorize
 
-from ...real_layouts import CITYSCAPES_MAP, SPLITS, Written, write_dataset
-
-
-@pytest.fixture(params=["cityscapes", "ade20k"])
-def written(request, tmp_path: Path) -> Written:
-    folder = "cityscapes" if request.param == "cityscapes" else "ADEChallengeData2016"
-    return write_dataset(request.param, tmp_path / folder)
+from ...real_layouts import CITYSCAPES_MAP, SPLITS, Written
 
 
 def dataset_cfg(make_cfg, data: Written, *overrides: str):
