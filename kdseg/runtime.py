@@ -1,6 +1,6 @@
 """The process's runtime: device, mixed precision, process-wide backend switches, seeds and RNG state.
 
-A leaf module (it imports no other kdseg module but :mod:`kdseg.errors`), so the trainer,
+A leaf module (of kdseg it imports only the leaves :mod:`kdseg.errors` and :mod:`kdseg.utils`), so the trainer,
 the DDP plumbing, resuming and the benchmark can all use it without importing each other.
 """
 from __future__ import annotations
