@@ -24,6 +24,7 @@ from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from kdseg.errors import CheckpointError, NonFiniteLossError
 from kdseg.inference import EvalSettings, eval_settings, predict
+from kdseg.losses.base import labelled
 from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.runtime import amp_policy, auto_flag, resolve_device, rng_state, set_rng_state
@@ -165,6 +166,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.student = model.student
         self.terms: nn.Module | None = getattr(model, "terms", None)  # learned parts of loss terms (adapters)
+        self.ignore_index: int = getattr(model, "ignore_index", IGNORE_INDEX)
         self.amp_dtype, use_scaler = amp_policy(cfg.amp, self.device)
         channels_last = auto_flag(cfg.channels_last, self.device)
         if channels_last:
@@ -226,12 +228,13 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
             dist.set_epoch(self.train_loader, epoch)
-            t0, seen, steps, skipped = time.perf_counter(), 0, 0, 0
+            t0, seen, steps, skipped, void = time.perf_counter(), 0, 0, 0, 0
             sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not cfg.progress)
             for images, masks in bar:
                 if self.iteration >= self.max_iters:
                     break
+                void += not labelled(masks, self.ignore_index)  # on the loader's CPU tensor: no device sync
                 loss, parts, step_skipped = self.train_step(images, masks)
                 skipped += step_skipped
                 self.guard.add(self.iteration, loss, parts)
@@ -245,12 +248,14 @@ class Trainer:
                     bar.set_postfix({k: f"{v.item():.3g}" for k, v in parts.items()})
             self.guard.check(self.stop_note())
             elapsed = time.perf_counter() - t0
-            sums, seen = dist.reduce_epoch(sums, seen)
+            sums, counts = dist.reduce_epoch(sums, {"seen": seen, "void": void})
+            seen = counts["seen"]
             metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
             metrics |= {
                 "train/lr": self.optimizer.param_groups[0]["lr"],
                 "time/epoch_s": elapsed,
                 "throughput/img_s": seen / elapsed if elapsed > 0 else 0.0,
+                "train/void_batches": counts["void"],  # batches without a labelled pixel: CE (and masked terms) 0
             }
             if self.scaler.is_enabled():
                 metrics["train/amp_skipped_steps"] = skipped

@@ -89,3 +89,20 @@ def test_distillation_step_and_evaluation_on_cuda_with_amp_auto(make_cfg, tmp_pa
         assert torch.equal(value.cpu(), frozen[name]), name
     result = evaluate(trainer.student, batches, 21, device, trainer.amp_dtype)
     assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["pixel_acc"] <= 1.0
+
+
+def test_all_void_batches_are_counted_and_training_goes_on(make_cfg, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 8, 8, generator=generator)
+    masks = torch.randint(0, 21, (8, 8, 8), generator=generator)
+    masks[:2] = 255  # the first batch (in order) has no labelled pixel
+    train = DataLoader(TensorDataset(images, masks), batch_size=2)
+    val = DataLoader(TensorDataset(images[2:4], masks[2:4]), batch_size=2)
+    cfg = make_cfg("trainer.max_iters=null", "trainer.amp=off", "trainer.channels_last=false").trainer
+    logged = []
+    model = Distiller(nn.Conv2d(3, 21, 1))
+    trainer = Trainer(model, train, val, cfg=cfg, epochs=2, num_classes=21, out_dir=tmp_path, model_config={},
+                      log=lambda metrics, step: logged.append(metrics), device=torch.device("cpu"))
+    trainer.fit()
+    assert [m["train/void_batches"] for m in logged] == [1, 1] and trainer.iteration == 8
+    assert all(torch.isfinite(torch.tensor(m["train/loss_ce"])) for m in logged)
