@@ -205,3 +205,32 @@ def test_the_schema_is_in_hydras_config_store_and_types_a_composed_config():
     assert set(schema) >= {"task", "seed", "teacher", "student", "dataset", "loss", "trainer", "eval", "logger", "paths", "speed"}
     with pytest.raises(ValidationError, match="batch_size"):
         OmegaConf.merge(schema, {"trainer": {"batch_size": "eight"}})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.batch_size=1"], "config trainer.batch_size=1: a training batch of 1 image per process cannot train"),
+        (["task=teacher", "trainer.batch_size=1"], "config teacher.train.batch_size=1 (from ${trainer.batch_size}): a training"),
+        (["teacher.train.batch_size=1"], "config teacher.train.batch_size=1: a training batch"),  # the cached teacher
+        (["task=distill", "trainer.batch_size=1", "trainer.sync_bn=true"], "config trainer.batch_size=1:"),  # not under DDP
+    ],
+)
+def test_a_training_batch_of_one_is_a_config_error_naming_the_key_reason_and_remedy(make_cfg, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(*overrides))
+    text = str(err.value)
+    assert text.startswith(message) and "ASPP image-pooling branch" in text and "\n" not in text
+    assert "a batch of 2 or more per process" in text
+
+
+def test_a_batch_of_one_is_allowed_where_it_trains(make_cfg, monkeypatch):
+    """Cross-entropy only with a given teacher needs no cached teacher; task=eval does not train;
+    under DDP on CUDA, SyncBatchNorm normalises over the global batch."""
+    validate(make_cfg("teacher.train.batch_size=1", "loss=none"))
+    validate(make_cfg("task=eval", "trainer.batch_size=1"))
+    monkeypatch.setattr("kdseg.dist.launched_distributed", lambda: True)
+    monkeypatch.setattr("kdseg.config.resolve_device", lambda device: torch.device("cuda"))
+    validate(make_cfg("trainer.batch_size=1", "trainer.sync_bn=true", "teacher.checkpoint=/some/teacher.pt"))
+    with pytest.raises(ConfigError, match="trainer.batch_size=1"):
+        validate(make_cfg("trainer.batch_size=1", "trainer.sync_bn=false", "teacher.checkpoint=/some/teacher.pt"))
