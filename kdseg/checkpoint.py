@@ -20,6 +20,7 @@ from torch import nn
 
 from kdseg.errors import CheckpointError, MissingCheckpointError
 from kdseg.models import build_model
+from kdseg.utils import not_a_file
 
 MODEL_KEYS = ("encoder_name", "classes", "encoder_weights", "output_stride")
 ZIP_MAGIC = b"PK\x03\x04"
@@ -58,6 +59,12 @@ def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **cont
     return path
 
 
+def _inside(folder: Path) -> str:
+    """``, e.g. '<folder>/last.pt'`` naming the checkpoints a folder holds (none: empty)."""
+    found = sorted(p.name for p in folder.glob("*.pt") if p.is_file() and ".prev" not in p.name)
+    return f", e.g. '{folder / found[0]}' of {', '.join(found)} there" if found else ""
+
+
 def _diagnose(path: Path, err: Exception) -> str:
     """What is wrong with a file that ``torch.load(weights_only=True)`` could not read."""
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
@@ -80,8 +87,10 @@ def _diagnose(path: Path, err: Exception) -> str:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a kdseg checkpoint safely; a clear error for missing, truncated or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder, not a file (expected a checkpoint file{_inside(path)})")
     if not path.is_file():
-        raise MissingCheckpointError(f"checkpoint '{path}' does not exist")
+        raise MissingCheckpointError(f"checkpoint '{path}' {not_a_file(path)} (expected a checkpoint file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, OSError, KeyError, UnpicklingError ...

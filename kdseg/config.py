@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from collections.abc import Iterator
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -20,11 +21,13 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from kdseg import dist
 from kdseg.data.classes import dataset_classes
 from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
+from kdseg.data.voc import LAYOUT_HINT
 from kdseg.errors import ConfigError
 from kdseg.inference import eval_settings
 from kdseg.models import check_encoder
 from kdseg.runtime import resolve_device
 from kdseg.schema import SCHEMA, Check, Config
+from kdseg.utils import not_a_file, not_a_folder_to_be
 
 __all__ = ["ConfigError", "cross_checks", "validate"]
 
@@ -169,6 +172,40 @@ def cross_checks(cfg: DictConfig) -> None:
         _require(cfg.checkpoint is not None or ds.generated, "checkpoint", cfg.checkpoint,
                  "a checkpoint path for task=eval on real data")
     check_training_batches(cfg)
+    check_paths(cfg)
+
+
+FOLDER_KEYS = ("paths.data_dir", "paths.cache_dir", "paths.output_dir")
+"""Path keys of folders kdseg creates when missing (a file on the way is an error)."""
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Every path-valued key this task reads is of the right kind (a file, a folder), or missing only
+    where kdseg creates it; the error says what the path is and what was expected.
+
+    A missing dataset root is left to the dataset, whose message names the layout it expects;
+    ``trainer.resume`` to :func:`kdseg.resume.plan_run`, which looks into the folder or file.
+    """
+    files = []
+    if cfg.task == "eval" and cfg.checkpoint is not None:
+        files.append(("checkpoint", cfg.checkpoint))
+    terms = any(term.get("weight", 0) > 0 for term in cfg.loss.terms.values())
+    if cfg.task == "distill" and terms and cfg.teacher.checkpoint is not None:
+        files.append(("teacher.checkpoint", cfg.teacher.checkpoint))
+    for key, value in files:
+        if not Path(value).is_file():
+            hint = " (such as last.pt or best.pt in a run folder)" if Path(value).is_dir() else ""
+            raise ConfigError(f"config {key}='{value}' {not_a_file(value)}: expected a checkpoint file{hint}")
+    ds = cfg.dataset
+    folders = list(FOLDER_KEYS) + (["dataset.root"] if ds.generated else [])
+    for key in folders:
+        value = OmegaConf.select(cfg, key)
+        problem = not_a_folder_to_be(value)
+        if problem is not None:
+            raise ConfigError(f"config {key}='{value}' {problem}: expected a folder (kdseg creates it if missing)")
+    if not ds.generated and Path(ds.root).exists() and not Path(ds.root).is_dir():
+        hint = LAYOUTS[ds.name].hint if ds.name in LAYOUTS else LAYOUT_HINT
+        raise ConfigError(f"config dataset.root='{ds.root}' is a file, not a folder: expected {hint}")
 
 
 def _shown(node: DictConfig, key: str, where: str) -> str:

@@ -219,7 +219,8 @@ def plan_run(
             raise ResumeError(f"trainer.resume='{mode}': no such checkpoint or run folder")
         found = load_resumable(_candidates(path), say=say)
         if found is None:
-            raise ResumeError(f"trainer.resume='{mode}': no checkpoint there")
+            raise ResumeError(f"trainer.resume='{mode}' is a folder without {LAST} or {previous_path(LAST).name}: "
+                              f"expected a checkpoint file or a run folder holding {LAST}")
         ckpt, used = found
         changed = changed_keys(ckpt.get("config", {}), config)
         if changed:

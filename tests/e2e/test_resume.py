@@ -212,3 +212,9 @@ def test_killed_run_resumes_from_a_new_launch(reference, session_dir, tmp_path):
     assert mrun.info.status == "FINISHED" and mrun.data.metrics["val/miou"] == reference[0]
     client = MlflowClient(f"sqlite:///{session_dir}/mlflow.db")
     assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")) == [1, 2, 3]
+
+
+def test_resume_from_a_folder_without_checkpoints_says_what_it_expected(tmp_path):
+    with pytest.raises(ResumeError, match=rf"^trainer.resume='{tmp_path}' is a folder without last.pt or last.prev.pt: "
+                                          "expected a checkpoint file or a run folder holding last.pt$"):
+        plan_run(str(tmp_path), tmp_path / "out", {"a": 1})

@@ -367,3 +367,13 @@ def test_zero_init_residual_starts_every_block_as_identity():
     plain = build_model("resnet18", classes=21)
     assert all(torch.all(m.bn2.weight == 1) for m in plain.encoder.modules() if isinstance(m, BasicBlock))
     assert zero_init_residual_(build_model("resnet101", classes=21).encoder) == 33
+
+
+def test_a_folder_given_as_checkpoint_says_it_is_a_folder_and_names_the_checkpoints_in_it(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", state_dict={}, model={})
+    save_checkpoint(tmp_path / "best.pt", state_dict={}, model={})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value) == (f"checkpoint '{tmp_path}' is a folder, not a file (expected a checkpoint file, "
+                              f"e.g. '{tmp_path}/best.pt' of best.pt, last.pt there)")
+    assert not isinstance(err.value, FileNotFoundError)
