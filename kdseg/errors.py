@@ -46,6 +46,10 @@ class NonFiniteLossError(KdsegError, FloatingPointError):
     """A loss term became NaN or infinite during training."""
 
 
+class DiskFullError(KdsegError, OSError):
+    """A file could not be written: the disk is full, or a quota or file-size limit was reached."""
+
+
 class TrackingError(KdsegError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 

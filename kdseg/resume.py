@@ -135,7 +135,11 @@ class Plan:
             _write_json(index_file(cache_dir, self.fingerprint), {"output_dir": str(self.out_dir.resolve())})
 
     def finish(self, status: str = "finished") -> None:
-        update_run(self.out_dir, status=status)
+        """Record how the run ended; on a full disk only a warning (the run's own error is what counts)."""
+        try:
+            update_run(self.out_dir, status=status)
+        except OSError as err:
+            print(f"warning: could not mark {self.out_dir / RUN_FILE} {status} ({err.strerror or err})", flush=True)
 
     @contextmanager
     def active(self, task: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:

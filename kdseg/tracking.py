@@ -174,9 +174,12 @@ class Tracker:
     def _keep(self, op: dict, err: Exception | None) -> None:
         self.pending.append(op)
         if self.pending_file is not None:
-            self.pending_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.pending_file, "a") as f:
-                f.write(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n")
+            try:
+                self.pending_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.pending_file, "a") as f:
+                    f.write(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n")
+            except OSError as write_err:  # a full disk: kept in memory only
+                print(f"warning: {self.pending_file} not written ({write_err.strerror or write_err})", flush=True)
         if err is not None:
             where = f"kept in {self.pending_file}" if self.pending_file else "kept in memory"
             print(f"warning: MLflow is unreachable ({one_line(err)[:WARNING_CHARS]}); {op['op']} {where}, sent when it is back", flush=True)

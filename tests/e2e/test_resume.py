@@ -6,6 +6,7 @@ exactly its metrics.
 """
 from __future__ import annotations
 
+import resource
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import kdseg.tracking
 from kdseg.checkpoint import load_checkpoint, save_checkpoint
-from kdseg.errors import ResumeError
+from kdseg.errors import DiskFullError, ResumeError
 from kdseg.resume import plan_run, read_run
 from kdseg.tasks import run
 
@@ -89,6 +90,49 @@ def test_resumed_run_matches_uninterrupted_run_in_one_mlflow_run(reference, sess
     assert mrun.info.status == "FINISHED"
     steps = [m.step for m in MlflowClient(f"sqlite:///{session_dir}/mlflow.db").get_metric_history(mrun.info.run_id, "val/miou")]
     assert sorted(steps) == [1, 2, 3]
+
+
+def fill_disk_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, checkpoint: Path, limit: list[int]) -> None:
+    """After epoch ``epoch`` is logged, no file may grow past half of ``checkpoint`` (a full disk for the next one):
+    the soft RLIMIT_FSIZE, with SIGXFSZ ignored so a write fails with EFBIG instead of killing the process."""
+    original = kdseg.tracking.Tracker.log_metrics
+
+    def log_metrics(self, metrics, step):
+        original(self, metrics, step)
+        if step == epoch and "train/loss" in metrics:
+            limit.append(checkpoint.stat().st_size // 2)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit[-1], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    monkeypatch.setattr(kdseg.tracking.Tracker, "log_metrics", log_metrics)
+
+
+@pytest.mark.slow
+def test_full_disk_at_a_checkpoint_fails_the_run_and_a_relaunch_resumes(reference, session_dir, tmp_path, monkeypatch):
+    cfg = job(tmp_path, session_dir, tmp_path / "out", "logger.run_name=resume-full-disk")
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit: list[int] = []
+    try:
+        with monkeypatch.context() as patch:
+            fill_disk_after_epoch(patch, 1, tmp_path / "out" / "last.pt", limit)
+            with pytest.raises(DiskFullError) as err:
+                run(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(err.value)
+    assert limit and "\n" not in message
+    assert message.startswith(f"cannot write checkpoint '{tmp_path / 'out'}/") and "File too large (" in message
+    assert " free there, about " in message and "run the same command again" in message
+    out = tmp_path / "out"
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1  # the previous checkpoint, intact
+    assert not list(out.glob(".*.tmp*"))  # no temporary file left
+    assert read_run(out)["status"] == "failed"
+    (mrun,) = mlflow_runs(session_dir, "resume-full-disk")
+    assert mrun.info.status == "FAILED"
+    assert run(cfg) == reference[0]  # space freed: the same command resumes after epoch 1
+    assert history(out) == reference[1]
+    assert read_run(out)["status"] == "finished"
 
 
 def test_truncated_last_checkpoint_falls_back_to_previous(reference, session_dir, tmp_path, monkeypatch, capsys):
