@@ -50,6 +50,10 @@ class DiskFullError(KdsegError, OSError):
     """A file could not be written: the disk is full, or a quota or file-size limit was reached."""
 
 
+class DeviceMemoryError(KdsegError, MemoryError):
+    """The accelerator ran out of memory for the configured batch and crop."""
+
+
 class TrackingError(KdsegError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kdseg import dist
 from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
-from kdseg.errors import CheckpointError, NonFiniteLossError
+from kdseg.errors import CheckpointError, DeviceMemoryError, NonFiniteLossError
 from kdseg.inference import EvalSettings, eval_settings, predict
 from kdseg.losses.base import labelled
 from kdseg.memory import peak_memory, reset_peak_memory
@@ -235,7 +235,10 @@ class Trainer:
                 if self.iteration >= self.max_iters:
                     break
                 void += not labelled(masks, self.ignore_index)  # on the loader's CPU tensor: no device sync
-                loss, parts, step_skipped = self.train_step(images, masks)
+                try:
+                    loss, parts, step_skipped = self.train_step(images, masks)
+                except torch.cuda.OutOfMemoryError:
+                    raise DeviceMemoryError(self.out_of_memory_note(images)) from None
                 skipped += step_skipped
                 self.guard.add(self.iteration, loss, parts)
                 if self.iteration % NONFINITE_CHECK_EVERY == 0:
@@ -311,6 +314,19 @@ class Trainer:
         self.scheduler.step()
         self.iteration += 1
         return loss.detach(), parts, skipped
+
+    def out_of_memory_note(self, images: torch.Tensor) -> str:
+        """One line for a CUDA out-of-memory error in a training step: the batch, the crop, the switches that lower memory."""
+        amp = "off" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        channels_last = str(self.memory_format == torch.channels_last).lower()
+        h, w = images.shape[-2:]
+        return (
+            f"CUDA out of memory in training step {self.iteration + 1} on {self.device} with a per-process batch of "
+            f"{images.shape[0]} images (trainer.batch_size={self.cfg.batch_size}) of {h}x{w} (dataset.crop_size); lower it "
+            f"with trainer.amp=bf16 (now {amp}), trainer.channels_last=true (now {channels_last}), or a smaller "
+            "trainer.batch_size with the same global batch over more processes (torchrun --nproc_per_node=N)"
+            f"{self.stop_note()}"
+        )
 
     def stop_note(self) -> str:
         """Where a run stopped by a bad loss can be picked up again."""

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdseg.distill import Distiller
-from kdseg.errors import NonFiniteLossError
+from kdseg.errors import DeviceMemoryError, NonFiniteLossError
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
 from kdseg.models import build_model
 from kdseg.train import NonFiniteGuard, Trainer, evaluate
@@ -106,3 +106,28 @@ def test_all_void_batches_are_counted_and_training_goes_on(make_cfg, tmp_path):
     trainer.fit()
     assert [m["train/void_batches"] for m in logged] == [1, 1] and trainer.iteration == 8
     assert all(torch.isfinite(torch.tensor(m["train/loss_ce"])) for m in logged)
+
+
+def test_cuda_out_of_memory_in_a_step_is_one_line_with_batch_crop_switches_and_checkpoint(make_cfg, tmp_path, monkeypatch):
+    images, masks = torch.randn(6, 3, 16, 16), torch.randint(0, 21, (6, 16, 16))
+    train = DataLoader(TensorDataset(images, masks), batch_size=3)
+    cfg = make_cfg("trainer.max_iters=null", "trainer.amp=off", "trainer.channels_last=false", "trainer.batch_size=3").trainer
+    trainer = Trainer(Distiller(nn.Conv2d(3, 21, 1)), train, train, cfg=cfg, epochs=2, num_classes=21, out_dir=tmp_path,
+                      model_config={}, device=torch.device("cpu"))
+    step = trainer.train_step
+
+    def out_of_memory_in_epoch_2(images, masks):
+        if trainer.iteration == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(images, masks)
+
+    monkeypatch.setattr(trainer, "train_step", out_of_memory_in_epoch_2)
+    with pytest.raises(DeviceMemoryError) as err:
+        trainer.fit()
+    assert str(err.value) == (
+        "CUDA out of memory in training step 3 on cpu with a per-process batch of 3 images (trainer.batch_size=3) of 16x16 "
+        "(dataset.crop_size); lower it with trainer.amp=bf16 (now off), trainer.channels_last=true (now false), or a smaller "
+        "trainer.batch_size with the same global batch over more processes (torchrun --nproc_per_node=N); "
+        f"the last good checkpoint is '{tmp_path / 'last.pt'}' (epoch 1)"
+    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__
