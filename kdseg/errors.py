@@ -54,6 +54,10 @@ class DeviceMemoryError(KdsegError, MemoryError):
     """The accelerator ran out of memory for the configured batch and crop."""
 
 
+class TrainingInterrupted(KdsegError):
+    """Training stopped on a signal (SIGTERM, SIGUSR1) after writing a checkpoint; the same command continues it."""
+
+
 class TrackingError(KdsegError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 

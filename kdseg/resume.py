@@ -1,7 +1,8 @@
 """Resuming interrupted runs: which run folder and checkpoint to continue (the RNG state is :mod:`kdseg.runtime`'s).
 
 A run folder holds ``run.json`` (``run_uid``, config ``fingerprint``, ``status``: running,
-failed or finished, and the MLflow run id) next to its checkpoints. ``last.pt`` is written
+failed, interrupted (by SIGTERM / SIGUSR1, after a checkpoint of its position) or finished,
+and the MLflow run id) next to its checkpoints. ``last.pt`` is written
 after every epoch; the one it replaces is kept as ``last.prev.pt``, so a damaged ``last.pt``
 still leaves a good checkpoint one epoch older.
 
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdseg import dist
 from kdseg.checkpoint import load_checkpoint, previous_path
-from kdseg.errors import CheckpointError, ResumeError
+from kdseg.errors import CheckpointError, ResumeError, TrainingInterrupted
 from kdseg.utils import digest, flatten
 
 RUN_FILE = "run.json"
@@ -143,7 +144,8 @@ class Plan:
 
     @contextmanager
     def active(self, task: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
-        """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, or ``failed`` if the body raises."""
+        """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, ``interrupted``
+        if the body stops on a signal (:class:`TrainingInterrupted`), or ``failed`` if it raises anything else."""
         if not dist.is_main():  # DDP: rank 0 holds the lock and writes run.json for all ranks
             yield
             return
@@ -155,6 +157,9 @@ class Plan:
             self.start(task, cache_dir)
             try:
                 yield
+            except TrainingInterrupted:
+                self.finish("interrupted")
+                raise
             except BaseException:
                 self.finish("failed")
                 raise

@@ -26,7 +26,7 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from kdseg.errors import TrackingError, one_line, reported
+from kdseg.errors import TrackingError, TrainingInterrupted, one_line, reported
 from kdseg.utils import flatten
 
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -264,10 +264,14 @@ class Tracker:
         run_id: str | None = None,
         run_dir: str | os.PathLike | None = None,
     ) -> Iterator[str | None]:
-        """``start`` ... ``end``: the run ends FINISHED, or FAILED if the body raises."""
+        """``start`` ... ``end``: the run ends FINISHED, KILLED if the body stops on a signal
+        (:class:`TrainingInterrupted`), or FAILED if it raises anything else."""
         run_id = self.start(run_name, params, tags, run_id, run_dir)
         try:
             yield run_id
+        except TrainingInterrupted:
+            self.end("KILLED")
+            raise
         except BaseException:
             self.end("FAILED")
             raise

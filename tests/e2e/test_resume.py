@@ -6,6 +6,7 @@ exactly its metrics.
 """
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -18,8 +19,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import kdseg.tracking
+import kdseg.train
 from kdseg.checkpoint import load_checkpoint, save_checkpoint
-from kdseg.errors import DiskFullError, ResumeError
+from kdseg.errors import DiskFullError, ResumeError, TrainingInterrupted
 from kdseg.resume import plan_run, read_run
 from kdseg.tasks import run
 
@@ -262,3 +264,62 @@ def test_resume_from_a_folder_without_checkpoints_says_what_it_expected(tmp_path
     with pytest.raises(ResumeError, match=rf"^trainer.resume='{tmp_path}' is a folder without last.pt or last.prev.pt: "
                                           "expected a checkpoint file or a run folder holding last.pt$"):
         plan_run(str(tmp_path), tmp_path / "out", {"a": 1})
+
+
+def sigterm_at_iteration(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    """SIGTERM to this process during training step ``iteration`` (as SLURM's scancel would send it)."""
+    original = kdseg.train.Trainer.train_step
+
+    def train_step(self, images, masks):
+        if self.iteration + 1 == iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, images, masks)
+
+    monkeypatch.setattr(kdseg.train.Trainer, "train_step", train_step)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_checkpoints_the_position_and_the_same_command_ends_like_an_uninterrupted_run(
+    reference, session_dir, tmp_path, monkeypatch
+):
+    cfg = job(tmp_path, session_dir, tmp_path / "out", "logger.run_name=resume-sigterm")
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        sigterm_at_iteration(patch, 6)  # step 2 of epoch 2 (4 steps an epoch)
+        with pytest.raises(TrainingInterrupted) as err:
+            run(cfg)
+    assert str(err.value) == (f"stopped by SIGTERM after step 2 of epoch 2 (iteration 6); '{out / 'last.pt'}' holds this "
+                              "position: run the same command again to continue from it")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives as long as training
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 6 and ckpt["position"]["steps"] == 2
+    assert load_checkpoint(out / "last.prev.pt")["epoch"] == 1  # the epoch's checkpoint, kept
+    assert read_run(out)["status"] == "interrupted"
+    (mrun,) = mlflow_runs(session_dir, "resume-sigterm")
+    assert mrun.info.status == "KILLED"
+    assert run(cfg) == reference[0]
+    assert history(out) == reference[1]  # train/loss of epoch 2 too: its first two steps' sums were kept
+    assert read_run(out)["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_sigterm_to_run_py_is_one_line_and_the_same_command_resumes(reference, session_dir, tmp_path):
+    """SIGTERM (what scancel and SLURM pre-emption send) after the first epoch's checkpoint: one line, exit code 1,
+    the run marked interrupted; the same command (new Hydra folder) ends with the uninterrupted run's metrics."""
+    first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
+    proc = subprocess.Popen(run_py(tmp_path, session_dir, first, "resume-sigterm-cli"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 1800
+    while not (first / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: stopped by SIGTERM after ") and line.endswith("run the same command again to continue from it")
+    assert read_run(first)["status"] == "interrupted"
+    (mrun,) = mlflow_runs(session_dir, "resume-sigterm-cli")
+    assert mrun.info.status == "KILLED"
+    subprocess.run(run_py(tmp_path, session_dir, second, "resume-sigterm-cli"), cwd=tmp_path, check=True,
+                   stdout=subprocess.DEVNULL, timeout=1800)
+    assert history(first) == reference[1] and read_run(first)["status"] == "finished"

@@ -1,6 +1,9 @@
 """The training loop (kdseg.train): the NaN / inf guard, fp16 skipped steps, and a distillation step on CUDA."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdseg.distill import Distiller
-from kdseg.errors import DeviceMemoryError, NonFiniteLossError
+from kdseg.checkpoint import load_checkpoint
+from kdseg.errors import DeviceMemoryError, NonFiniteLossError, TrainingInterrupted
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
 from kdseg.models import build_model
 from kdseg.train import NonFiniteGuard, Trainer, evaluate
@@ -131,3 +135,80 @@ def test_cuda_out_of_memory_in_a_step_is_one_line_with_batch_crop_switches_and_c
         f"the last good checkpoint is '{tmp_path / 'last.pt'}' (epoch 1)"
     )
     assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+class Flipped(TensorDataset):
+    """Random horizontal flips drawn from the global RNG in the loading process (as the real transforms draw)."""
+
+    def __getitem__(self, index):
+        image, mask = super().__getitem__(index)
+        return (image.flip(-1), mask.flip(-1)) if torch.rand(()) < 0.5 else (image, mask)
+
+
+def _signal_trainer(make_cfg, out_dir, num_workers: int = 0) -> Trainer:
+    generator = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(12, 3, 8, 8, generator=generator), torch.randint(0, 21, (12, 8, 8), generator=generator)
+    loader = DataLoader(Flipped(images, masks), batch_size=2, shuffle=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(1))
+    val = DataLoader(TensorDataset(images[:4], masks[:4]), batch_size=2)
+    cfg = make_cfg("trainer.max_iters=null", "trainer.amp=off", "trainer.channels_last=false").trainer
+    torch.manual_seed(2)
+    student = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Dropout2d(0.5), nn.Conv2d(8, 21, 1))  # dropout draws from the RNG too
+    return Trainer(Distiller(student), loader, val, cfg=cfg, epochs=2, num_classes=21, out_dir=out_dir,
+                   model_config={"encoder_name": "toy", "classes": 21, "output_stride": 16}, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "stop, workers",
+    [(signal.SIGTERM, 0), pytest.param(signal.SIGUSR1, 1, marks=pytest.mark.slow)],  # a worker process: slow to start
+    ids=["SIGTERM", "SIGUSR1-worker"],
+)
+def test_a_stop_signal_mid_epoch_checkpoints_the_position_and_resuming_from_it_is_bit_exact(
+    make_cfg, tmp_path, monkeypatch, stop, workers
+):
+    """6 steps an epoch; the signal arrives in step 9 (step 3 of epoch 2). The resumed trainer re-reads the
+    epoch's first 3 batches (in this process, or in a worker seeded from the loader's generator) and ends
+    with the uninterrupted run's weights and per-epoch metrics."""
+    torch.manual_seed(3)
+    reference = _signal_trainer(make_cfg, tmp_path / "reference", workers)
+    reference.fit()
+    torch.manual_seed(3)
+    stopped = _signal_trainer(make_cfg, tmp_path / "run", workers)
+    step = stopped.train_step
+
+    def signalled_step(images, masks):
+        if stopped.iteration == 8:
+            os.kill(os.getpid(), stop)  # delivered now; the step still finishes
+        return step(images, masks)
+
+    monkeypatch.setattr(stopped, "train_step", signalled_step)
+    with pytest.raises(TrainingInterrupted, match=rf"^stopped by {stop.name} after step 3 of epoch 2 \(iteration 9\);"):
+        stopped.fit()
+    assert signal.getsignal(stop) is signal.SIG_DFL
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["position"]["steps"] == 3 and ckpt["iteration"] == 9 and len(ckpt["history"]) == 1
+    torch.manual_seed(4)  # whatever the new process's RNG: the checkpoint decides
+    resumed = _signal_trainer(make_cfg, tmp_path / "run", workers)
+    resumed.restore(ckpt)
+    resumed.fit()
+    for (name, value), expected in zip(resumed.student.state_dict().items(), reference.student.state_dict().values()):
+        assert torch.equal(value, expected), name
+    drop = ("time/epoch_s", "throughput/img_s", "memory/peak_mib")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in resumed.history] == [
+        {k: v for k, v in m.items() if k not in drop} for m in reference.history
+    ]
+
+
+def test_a_stop_signal_between_epochs_keeps_the_epoch_checkpoint(make_cfg, tmp_path, monkeypatch):
+    trainer = _signal_trainer(make_cfg, tmp_path)
+    log = trainer.log
+
+    def signal_after_epoch_1(metrics, step):
+        log(metrics, step)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.log = signal_after_epoch_1
+    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM after epoch 1 \(iteration 6\);"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 1 and "position" not in ckpt
