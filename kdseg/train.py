@@ -274,16 +274,14 @@ class Trainer:
         """Continue epoch ``epoch`` where a mid-epoch checkpoint stopped; returns its counters
         (``steps``, ``sums``, ``seen``, ``skipped``, ``void``), or None (the epoch starts afresh).
 
-        ``batches`` (the epoch's loader iterator, not yet started) is started from the loader's
-        generator state at the epoch's start and the batches already trained on are loaded again
-        and dropped (their augmentations draw what they drew); then every RNG is set to its state
-        at the stop, so the rest of the epoch is bit-identical to an uninterrupted run.
+        ``batches`` (the epoch's loader iterator, not yet started, its generator already set back to
+        the epoch's start) skips the batches already trained on: they are loaded again and dropped
+        (their augmentations draw what they drew); then every RNG is set to its state at the stop,
+        so the rest of the epoch is bit-identical to an uninterrupted run.
         """
         position, self.position = self.position, None
         if position is None or position["epoch"] != epoch:
             return None
-        if position["loader"] is not None and self.loader_generator is not None:
-            self.loader_generator.set_state(position["loader"])
         for _ in range(position["steps"]):
             next(batches)
         set_rng_state(position["rng"], self.loader_generator)
@@ -308,10 +306,11 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not cfg.progress)
             batches = iter(bar)
-            if self.position is not None and self.position["epoch"] == epoch:
-                loader_start = self.position["loader"]
-            else:  # a mid-epoch checkpoint rebuilds the epoch from it
-                loader_start = self.loader_generator.get_state() if self.loader_generator is not None else None
+            resuming = self.position is not None and self.position["epoch"] == epoch
+            if resuming and self.loader_generator is not None:
+                self.loader_generator.set_state(self.position["loader"])
+            # the generator before the epoch's loader draws from it: a mid-epoch checkpoint rebuilds the epoch from it
+            loader_start = self.loader_generator.get_state() if self.loader_generator is not None else None
             resumed = self.resume_position(epoch, batches)
             if resumed is not None:
                 steps, sums, seen, skipped, void = (resumed[key] for key in ("steps", "sums", "seen", "skipped", "void"))
