@@ -118,8 +118,9 @@ class AICSDLoss(Term):
         if masks is None:
             raise ValueError("AICSD's adaptive weighting needs the batch's labels (it rescales the cross-entropy)")
         a = alw_alpha(self.progress)
+        dtype = torch.promote_types(feat_s.dtype, torch.float32)
         with torch.autocast(device_type=feat_s.device.type, enabled=False):
-            ce = labelled_cross_entropy(feat_s.float(), masks, self.ignore_index)
+            ce = labelled_cross_entropy(feat_s.to(dtype), masks, self.ignore_index)
         return a * ics + (1 - a) * pi + (a - 1) * ce
 
     def extra_repr(self) -> str:
