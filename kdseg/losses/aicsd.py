@@ -13,8 +13,8 @@ Two losses on the logits and a schedule that mixes them with the cross-entropy:
   with ``a = epoch / 120``, epochs counted from 0 and 120 the authors' number of epochs; here
   ``a = (epoch - 1) / epochs``, so a = 0 in the first epoch (teacher only) and grows linearly.
   kdseg's cross-entropy has weight 1, so with ``alw`` this term adds ``(a - 1) * CE`` itself
-  (the same cross-entropy: void pixels left out; 0 when a batch has none labelled), which makes
-  the total the authors' ``a * CE + ...``. Without ``alw`` it is ``l_ics * ICSD + l_pi * PI``
+  (the same cross-entropy: void pixels left out; 0 when a batch has none labelled; not scaled
+  by the term's ``weight``), which makes the total the authors' ``a * CE + ...``. Without ``alw`` it is ``l_ics * ICSD + l_pi * PI``
   (the paper's ICSD without the schedule).
 
 Where the reference code differs from its own README and paper, this follows the paper: the
@@ -89,7 +89,11 @@ def alw_alpha(progress: Progress) -> float:
 
 
 class AICSDLoss(Term):
-    """``weight * (a * l_ics * ICSD + (1 - a) * l_pi * PI + (a - 1) * CE)`` with ALW, else ``weight * (l_ics * ICSD + l_pi * PI)``."""
+    """``weight * (a * l_ics * ICSD + (1 - a) * l_pi * PI) + (a - 1) * CE`` with ALW, else ``weight * (l_ics * ICSD + l_pi * PI)``.
+
+    ``weight`` scales the distillation parts only: the ``(a - 1) * CE`` that turns kdseg's
+    cross-entropy into the authors' ``a * CE`` is the schedule's and stays as it is.
+    """
 
     name = "aicsd"
 
@@ -115,13 +119,19 @@ class AICSDLoss(Term):
         pi = self.pi_weight * pi_kl_loss(feat_s, feat_t, self.temperature)
         if not self.alw:
             return ics + pi
+        a = alw_alpha(self.progress)
+        return a * ics + (1 - a) * pi
+
+    def forward(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None = None, detach_teacher: bool = True) -> Tensor:
+        distill = super().forward(feat_s, feat_t, masks, detach_teacher)
+        if not self.alw:
+            return distill
         if masks is None:
             raise ValueError("AICSD's adaptive weighting needs the batch's labels (it rescales the cross-entropy)")
-        a = alw_alpha(self.progress)
         dtype = torch.promote_types(feat_s.dtype, torch.float32)
         with torch.autocast(device_type=feat_s.device.type, enabled=False):
             ce = labelled_cross_entropy(feat_s.to(dtype), masks, self.ignore_index)
-        return a * ics + (1 - a) * pi + (a - 1) * ce
+        return distill + (alw_alpha(self.progress) - 1) * ce
 
     def extra_repr(self) -> str:
         return (

@@ -180,6 +180,10 @@ def test_aicsd_schedule_at_known_epochs():
         term.set_progress(Progress(epoch=epoch, epochs=4, iteration=10 * (epoch - 1), max_iters=40))
         total = ce + term(s, t, labels)
         torch.testing.assert_close(total, a * (ce + ics) + (1 - a) * pi, rtol=1e-10, atol=1e-12)
+    # the term's weight scales the distillation parts, never the schedule's cross-entropy
+    heavy = AICSDLoss(3.0)
+    heavy.set_progress(Progress(epoch=2, epochs=4))
+    torch.testing.assert_close(ce + heavy(s, t, labels), 0.25 * ce + 3.0 * (0.25 * ics + 0.75 * pi), rtol=1e-10, atol=1e-12)
     plain = AICSDLoss(2.0, alw=False)
     plain.set_progress(Progress(epoch=3, epochs=4))
     torch.testing.assert_close(plain(s, t, labels), 2.0 * (ics + pi), rtol=1e-10, atol=1e-12)
