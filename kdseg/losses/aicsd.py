@@ -9,22 +9,23 @@ Two losses on the logits and a schedule that mixes them with the cross-entropy:
   is mean((ICS_s - ICS_t)^2) / B (the reference's ``lo_loss``);
 - PI: per-pixel KL(softmax(z_t / T) || softmax(z_s / T)) summed over classes and divided by
   the number of logits B*C*H*W (``nn.KLDivLoss()``'s default ``mean``, the reference's ``pi_loss``);
-- ALW (adaptive loss weighting, ``train_kd.py``): ``L = a * (CE + l_ics * ICSD) + (1 - a) * l_pi * PI``
-  with ``a = epoch / 120``, epochs counted from 0 and 120 the authors' number of epochs; here
-  ``a = (epoch - 1) / epochs``, so a = 0 in the first epoch (teacher only) and grows linearly.
-  kdseg's cross-entropy has weight 1, so with ``alw`` this term adds ``(a - 1) * CE`` itself
-  (the same cross-entropy: void pixels left out; 0 when a batch has none labelled; not scaled
-  by the term's ``weight``), which makes the total the authors' ``a * CE + ...``. Without ``alw`` it is ``l_ics * ICSD + l_pi * PI``
-  (the paper's ICSD without the schedule).
+- ALW (adaptive loss weighting, ``train_kd.py``; commented in at HEAD, behind ``--ALW`` in
+  commit c634e3e): ``L = a * (CE + l_ics * ICSD) + (1 - a) * l_pi * PI`` with ``a = epoch / 120``,
+  epochs counted from 0 and 120 the authors' number of epochs; here ``a = (epoch - 1) / epochs``
+  (kdseg counts from 1), so a = 0 in the first epoch (teacher only) and grows linearly. kdseg's
+  cross-entropy has weight 1, so with ``alw`` this term adds ``(a - 1) * CE`` itself (the same
+  cross-entropy: void pixels left out, 0 when a batch has none labelled, not scaled by the
+  term's ``weight``), which makes the total the authors' ``a * CE + ...``. Without ``alw`` it is
+  ``l_ics * ICSD + l_pi * PI`` (ICSD and PI without the schedule).
 
-Where the reference code differs from its own README and paper, this follows the paper: the
-HEAD code applies the spatial softmax to the 4-D output along dim 2 (the height axis only;
-earlier commits of the same file flatten H*W first, as the paper and README describe), and it
-passes probabilities where ``KLDivLoss`` expects log-probabilities; here the softmax runs over
-the flattened H*W and the KL is a KL. The class count is the logits' (the reference hard-codes 21).
-Weights: l_ics = 9500 and l_pi = 10, the README's AICSD command (``--pa_lambda 9500 --pi_lambda
-10 --ALW``; in the code the ICS loss is ``lo_lambda``), T = 1. All pixels count, as in the
-reference (these two losses do not read labels).
+Two places do not follow the HEAD code, because it contradicts its own README, paper and
+history there: it applies the spatial softmax to the 4-D output along dim 2, the height axis
+alone (commit 320eea1; the earlier commits flatten H*W first, as paper and README describe),
+and it passes probabilities where ``KLDivLoss`` expects log-probabilities; here the softmax
+runs over the flattened H*W and the KL is a KL. The class count is the logits' (the reference
+hard-codes 21). Weights: l_ics = 9500 and l_pi = 10, the README's AICSD command
+(``--pa_lambda 9500 --pi_lambda 10 --ALW``; in the code the ICS loss is ``lo_lambda``), T = 1.
+All pixels count, as in the reference (these two losses do not read labels).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.losses.base import LOGITS, Progress, Term, check_positive
+
 
 def _check(logits_s: Tensor, logits_t: Tensor) -> None:
     if logits_s.shape != logits_t.shape or logits_s.dim() != 4:
@@ -89,7 +91,8 @@ def alw_alpha(progress: Progress) -> float:
 
 
 class AICSDLoss(Term):
-    """``weight * (a * l_ics * ICSD + (1 - a) * l_pi * PI) + (a - 1) * CE`` with ALW, else ``weight * (l_ics * ICSD + l_pi * PI)``.
+    """``weight * (a * l_ics * ICSD + (1 - a) * l_pi * PI) + (a - 1) * CE`` with ALW,
+    else ``weight * (l_ics * ICSD + l_pi * PI)``.
 
     ``weight`` scales the distillation parts only: the ``(a - 1) * CE`` that turns kdseg's
     cross-entropy into the authors' ``a * CE`` is the schedule's and stays as it is.

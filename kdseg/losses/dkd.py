@@ -106,4 +106,7 @@ class DKDLoss(Term):
         return self.ramp() * dkd_loss(feat_s, feat_t, masks, self.alpha, self.beta, self.temperature, self.ignore_index)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha:g}, beta={self.beta:g}, temperature={self.temperature:g}, warmup={self.warmup}"
+        return (
+            f"{super().extra_repr()}, alpha={self.alpha:g}, beta={self.beta:g}, "
+            f"temperature={self.temperature:g}, warmup={self.warmup}"
+        )
