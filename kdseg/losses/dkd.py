@@ -13,7 +13,8 @@ Here a sample is a pixel whose label (nearest-resized to the logits) is not void
 have no target class and are left out of the mean. mdistiller also ramps the loss in
 linearly over ``warmup`` epochs (``min(epoch / warmup, 1)``); ``warmup=0`` switches that off.
 The defaults are the segmentation setting of seg-gdkd (ZaberKo/seg-gdkd, CIRKD's training
-code with DKD): alpha = 1, beta = 2, T = 1, weight 1, no warm-up; mdistiller's CIFAR-100
+code with DKD, the one segmentation codebase found with one; CIRKD and Af-DCD ship none):
+alpha = 1, beta = 2, T = 1, weight 1 (``--lambda-kd``), no warm-up; mdistiller's CIFAR-100
 defaults (beta = 8, T = 4, warmup = 20) are for classification.
 """
 from __future__ import annotations
