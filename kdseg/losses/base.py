@@ -14,12 +14,18 @@ it returns ``weight * term.loss(...)``. A term with learned parts (an adapter) b
 :meth:`Term.setup`, which gets the shapes both networks give at the tap before training;
 their parameters are trained with the student and saved with its checkpoint.
 
+A term whose loss depends on how far training has come (a weight schedule) reads
+``self.progress`` (:class:`Progress`): the Trainer calls :meth:`Term.set_progress` before every
+training step with the epoch and iteration it restores on resume, so a resumed run sees the
+same progress as an uninterrupted one and nothing extra is saved.
+
 Adding a method is one module (a pure function of tensors plus a thin :class:`Term`) and one
 yaml in ``conf/loss/`` whose ``terms.<name>`` node targets it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -40,6 +46,16 @@ def check_positive(value: float, what: str, minimum: float = 0.0, strict: bool =
     return number
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands at a step: ``epoch`` of ``epochs`` (1-based), ``iteration`` of ``max_iters`` (0-based)."""
+
+    epoch: int = 1
+    epochs: int = 1
+    iteration: int = 0
+    max_iters: int = 1
+
+
 class Term(nn.Module):
     """Base class of the distillation terms (see the module docstring for the protocol)."""
 
@@ -49,6 +65,7 @@ class Term(nn.Module):
         if not isinstance(tap, str) or not tap:
             raise ConfigError(f"tap={tap!r}: expected a module path or '{LOGITS}'")
         self.tap = tap
+        self.progress = Progress()
 
     @property
     def reads_logits(self) -> bool:
@@ -56,6 +73,10 @@ class Term(nn.Module):
 
     def setup(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
         """Build learned parts for these input shapes (B x C x H x W); nothing by default."""
+
+    def set_progress(self, progress: Progress) -> None:
+        """Called by the Trainer before every training step; terms with a schedule read ``self.progress``."""
+        self.progress = progress
 
     def loss(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> Tensor:
         """The unweighted loss; ``feat_t`` is already detached unless the teacher takes gradients."""

@@ -130,6 +130,16 @@ def test_each_baseline_runs_a_smoke_job(make_cfg, method):
     assert mrun.data.tags["loss"] == method and f"train/loss_{method}" in mrun.data.metrics
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dkd", "aicsd", "bpkd"])
+def test_each_label_or_schedule_method_runs_a_smoke_job(make_cfg, method):
+    """The logit methods that read the labels (dkd, bpkd) or the training progress (aicsd): loss=<name> trains and logs its term."""
+    cfg = make_cfg(f"loss={method}", f"logger.run_name=e2e-{method}")
+    run(cfg)
+    _, mrun = mlflow_run(cfg, f"e2e-{method}")
+    assert mrun.data.tags["loss"] == method and math.isfinite(mrun.data.metrics[f"train/loss_{method}"])
+
+
 def test_fitnet_adapter_is_saved_with_the_student_but_not_in_it(make_cfg, tmp_path):
     """Channels differ at encoder.layer4 (ResNet-18: 512, ResNet-101: 2048): the adapter is trained,
     kept in the checkpoint's ``terms`` and restored on resume; the student's weights stay the student's."""
