@@ -1,7 +1,9 @@
 """Distillation losses: the term protocol (:mod:`kdseg.losses.base`) and one module per method,
 each a pure function of tensors plus a thin :class:`~kdseg.losses.base.Term`."""
+from kdseg.losses.afdcd import AfDCDLoss, mimic_loss, omni_contrastive_loss
 from kdseg.losses.at import ATLoss, at_loss
 from kdseg.losses.base import LOGITS, Term
+from kdseg.losses.cirkd import CIRKDLoss, minibatch_pair_loss
 from kdseg.losses.cwd import CWDLoss, cwd_loss
 from kdseg.losses.dist import DISTLoss, dist_loss
 from kdseg.losses.fitnet import FitNetLoss, fitnet_loss
@@ -12,7 +14,9 @@ from kdseg.losses.pixelwise import PixelwiseLoss, attention_map, pixelwise_loss
 
 __all__ = [
     "LOGITS",
+    "AfDCDLoss",
     "ATLoss",
+    "CIRKDLoss",
     "CWDLoss",
     "DISTLoss",
     "FitNetLoss",
@@ -28,6 +32,9 @@ __all__ = [
     "fitnet_loss",
     "ifvd_loss",
     "kd_loss",
+    "mimic_loss",
+    "minibatch_pair_loss",
+    "omni_contrastive_loss",
     "pairwise_kernel",
     "pairwise_loss",
     "pairwise_nodes",

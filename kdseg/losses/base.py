@@ -14,6 +14,16 @@ it returns ``weight * term.loss(...)``. A term with learned parts (an adapter) b
 :meth:`Term.setup`, which gets the shapes both networks give at the tap before training;
 their parameters are trained with the student and saved with its checkpoint.
 
+A term with **state** across iterations (CIRKD's memory queues, a step counter) keeps it in
+buffers registered in :meth:`Term.setup` and changes it only in :meth:`Term.update_state`,
+which the Distiller calls once per training step, under ``torch.no_grad``, before the term's
+loss; the probe pass and evaluation never call it. Buffers go where the learned parts go:
+saved in the checkpoint's ``terms`` and restored on resume, broadcast from rank 0 by DDP at
+each step, never part of the student or its export. A stateful term draws its random numbers
+from :func:`step_generator` (seeded by its ``seed`` and a step counter it keeps as a buffer),
+not from torch's global generator, so it is the same on every rank, resumes bit for bit and
+leaves the run's other random streams alone.
+
 Adding a method is one module (a pure function of tensors plus a thin :class:`Term`) and one
 yaml in ``conf/loss/`` whose ``terms.<name>`` node targets it.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -57,6 +68,9 @@ class Term(nn.Module):
     def setup(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
         """Build learned parts for these input shapes (B x C x H x W); nothing by default."""
 
+    def update_state(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> None:
+        """Advance the term's state with this training batch (called before :meth:`loss`); nothing by default."""
+
     def loss(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> Tensor:
         """The unweighted loss; ``feat_t`` is already detached unless the teacher takes gradients."""
         raise NotImplementedError
@@ -66,6 +80,11 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}, tap={self.tap!r}"
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for draw ``stream`` (0..7) of step ``step`` of a term seeded by ``seed``."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) % 2**63)
 
 
 def valid_pixels(masks: Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> Tensor:
