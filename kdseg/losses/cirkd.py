@@ -31,6 +31,9 @@ Where the paper and the code differ, this follows the code:
   pixels: the authors' ``this_feat[:, perm[:K]]`` indexes the flattened map, not ``idxs``;
 - one random subset of queue slots is drawn per step and used for every class.
 
+And where the code fails: with no labelled pixel its ``0. * (s_feats**2).mean()`` over an empty
+selection is NaN; here the memory parts are 0 with a zero gradient.
+
 Random draws (the pixel subsets, the contrast subsets) come from a generator seeded by
 (``seed``, the term's step counter), not from torch's global one: they are the same on every
 rank, restored with the checkpoint, and leave the data order and augmentations of the run
