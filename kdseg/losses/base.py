@@ -19,6 +19,16 @@ A term whose loss depends on how far training has come (a weight schedule) reads
 training step with the epoch and iteration it restores on resume, so a resumed run sees the
 same progress as an uninterrupted one and nothing extra is saved.
 
+A term with **state** across iterations (CIRKD's memory queues, a step counter) keeps it in
+buffers registered in :meth:`Term.setup` and changes it only in :meth:`Term.update_state`,
+which the Distiller calls once per training step, under ``torch.no_grad``, before the term's
+loss; the probe pass and evaluation never call it. Buffers go where the learned parts go:
+saved in the checkpoint's ``terms`` and restored on resume, broadcast from rank 0 by DDP at
+each step, never part of the student or its export. A stateful term draws its random numbers
+from :func:`step_generator` (seeded by its ``seed`` and a step counter it keeps as a buffer),
+not from torch's global generator, so it is the same on every rank, resumes bit for bit and
+leaves the run's other random streams alone.
+
 Adding a method is one module (a pure function of tensors plus a thin :class:`Term`) and one
 yaml in ``conf/loss/`` whose ``terms.<name>`` node targets it.
 """
@@ -27,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -78,6 +89,9 @@ class Term(nn.Module):
         """Called by the Trainer before every training step; terms with a schedule read ``self.progress``."""
         self.progress = progress
 
+    def update_state(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> None:
+        """Advance the term's state with this training batch (called before :meth:`loss`); nothing by default."""
+
     def loss(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> Tensor:
         """The unweighted loss; ``feat_t`` is already detached unless the teacher takes gradients."""
         raise NotImplementedError
@@ -87,6 +101,11 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}, tap={self.tap!r}"
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for draw ``stream`` (0..7) of step ``step`` of a term seeded by ``seed``."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) % 2**63)
 
 
 def valid_pixels(masks: Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -122,7 +122,7 @@ def test_every_baseline_together_trains_and_logs_its_term(make_cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", (*BASELINES, "cirkd", "afdcd"))
 def test_each_baseline_runs_a_smoke_job(make_cfg, method):
     cfg = make_cfg(f"loss={method}", f"logger.run_name=e2e-{method}")
     run(cfg)
