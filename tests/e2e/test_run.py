@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from kdseg.checkpoint import load_checkpoint
 from kdseg.data import build_datasets
+from kdseg.data.classes import SYNTHETIC_CLASSES
 from kdseg.data.synthetic import generate
 from kdseg.errors import CheckpointError, ConfigError
 from kdseg.tasks import run
@@ -47,6 +48,11 @@ def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
     assert 0 < metrics["speed/student_gflops"] < metrics["speed/teacher_gflops"]
     assert metrics["speed/student_fps"] == pytest.approx(1000 / metrics["speed/student_latency_ms"])
     assert mrun.data.tags["speed_device"] == "cpu, batch 1 at 64x64"
+    # the built-in set's classes by their own names (shape-texture), in the metrics and the per-class table
+    ious = {key.removeprefix("val/iou/") for key in metrics if key.startswith("val/iou/")}
+    assert ious and ious <= set(SYNTHETIC_CLASSES) and "background" in ious and "cat" not in ious
+    table = (out / "per_class_iou.md").read_text()
+    assert all(f"| {name} | {100 * metrics[f'val/iou/{name}']:.2f} |" in table for name in ious) and "| cat |" not in table
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(mrun.info.run_id, "checkpoints")}
     assert {"predictions.png", "per_class_iou.md", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
