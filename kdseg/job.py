@@ -25,7 +25,7 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import OnBadSample
 from kdseg.distill import Distiller, active_terms, term_label
 from kdseg.errors import KdsegError
-from kdseg.profile import model_stats, stats_metrics
+from kdseg.profile import cached_model_stats, stats_metrics
 from kdseg.report import TERM_WEIGHT
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import auto_flag, seed_everything
@@ -186,14 +186,27 @@ def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) 
               f"val {counts['data/skipped_val']}); listed in {path}", flush=True)
 
 
+SPEED_MODELS = {"student": "student", "teacher": "teacher.model"}
+"""The config node of each model whose real-time figures a run logs."""
+
+
 def log_speed(cfg: DictConfig, tracker: Tracker, models: dict[str, nn.Module | None], device: torch.device) -> None:
-    """Measure each model's real-time figures at ``dataset.eval_size`` and log them as ``speed/<name>_*``."""
+    """Log each model's real-time figures at ``dataset.eval_size`` as ``speed/<name>_*``.
+
+    The figures are the model's, not the run's: measured once per model config, size and device
+    and read from ``<paths.cache_dir>/speed/`` by every later run (:func:`~kdseg.profile.cached_model_stats`).
+    """
     if not cfg.speed.enabled:
         return
     size = tuple(cfg.dataset.eval_size)
+    method = (f"min over up to {cfg.speed.rounds} rounds of the median of {cfg.speed.repeats} passes, "
+              "measured once per model config, size, device and torch version")
     for name, model in models.items():
         if model is not None:
-            stats = model_stats(model, size, device, cfg.speed.repeats, cfg.speed.warmup)
+            node = OmegaConf.to_container(OmegaConf.select(cfg, SPEED_MODELS[name]), resolve=True)
+            node.pop("encoder_weights", None)  # the weights' origin does not change the speed
+            stats, path = cached_model_stats(model, node, size, device, cfg.paths.cache_dir, cfg.speed.repeats, cfg.speed.warmup, cfg.speed.rounds)
             tracker.log_metrics({k: v for k, v in stats_metrics(stats, name).items() if k.startswith("speed/")}, 0)
+            tracker.set_tags({f"speed_{name}_cache": str(path)})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    tracker.set_tags({"speed_device": f"{where}, batch 1 at {size[0]}x{size[1]}"})
+    tracker.set_tags({"speed_device": f"{where}, batch 1 at {size[0]}x{size[1]}", "speed_method": method})

@@ -47,7 +47,11 @@ def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
     metrics = mrun.data.metrics
     assert 0 < metrics["speed/student_gflops"] < metrics["speed/teacher_gflops"]
     assert metrics["speed/student_fps"] == pytest.approx(1000 / metrics["speed/student_latency_ms"])
-    assert mrun.data.tags["speed_device"] == "cpu, batch 1 at 64x64"
+    assert mrun.data.tags["speed_device"] == "cpu, batch 1 at 64x64" and "measured once" in mrun.data.tags["speed_method"]
+    # the teacher's figures are its architecture's: the cached teacher's own run logged the very same
+    teacher_run = client.search_runs([mrun.info.experiment_id], f"tags.teacher_cache = '{teacher_cache_path(cfg).name}'")[0]
+    assert {key: metrics[key] for key in metrics if key.startswith("speed/teacher_")} == {
+        key: value for key, value in teacher_run.data.metrics.items() if key.startswith("speed/teacher_")}
     # the built-in set's classes by their own names (shape-texture), in the metrics and the per-class table
     ious = {key.removeprefix("val/iou/") for key in metrics if key.startswith("val/iou/")}
     assert ious and ious <= set(SYNTHETIC_CLASSES) and "background" in ious and "cat" not in ious
