@@ -99,7 +99,7 @@ def train_teacher(
     if cache is not None:
         params["teacher_cache"] = cache.name
         tags |= {"teacher_cache": cache.name, "teacher_cache_key": digest(cache_key(cfg), CACHE_KEY_CHARS)}
-        write_config(own, plan.out_dir)  # the job's own folder holds the job's config
+        write_config(own, plan.out_dir)  # the teacher's folder holds the teacher's config, not the job's
     name = f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}"
     with plan.active("teacher", cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, plan.out_dir):
         log_skipped(cfg, tracker, datasets, plan)
