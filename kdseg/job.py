@@ -150,7 +150,8 @@ def fit(
         *datasets, trainer_cfg.batch_size, trainer_cfg.num_workers, seed,
         pin_memory=auto_flag(trainer_cfg.pin_memory, device), persistent_workers=trainer_cfg.persistent_workers,
     )
-    run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config if record is None else record, "mlflow_run_id": tracker.run_id}
+    run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "mlflow_run_id": tracker.run_id,
+                "config": plan.config if record is None else record}
     trainer = Trainer(
         model, train_loader, val_loader, cfg=trainer_cfg, epochs=epochs,
         num_classes=cfg.dataset.num_classes, class_names=dataset_classes(cfg.dataset.name).names,
@@ -205,7 +206,9 @@ def log_speed(cfg: DictConfig, tracker: Tracker, models: dict[str, nn.Module | N
         if model is not None:
             node = OmegaConf.to_container(OmegaConf.select(cfg, SPEED_MODELS[name]), resolve=True)
             node.pop("encoder_weights", None)  # the weights' origin does not change the speed
-            stats, path = cached_model_stats(model, node, size, device, cfg.paths.cache_dir, cfg.speed.repeats, cfg.speed.warmup, cfg.speed.rounds)
+            stats, path = cached_model_stats(
+                model, node, size, device, cfg.paths.cache_dir, cfg.speed.repeats, cfg.speed.warmup, cfg.speed.rounds,
+            )
             tracker.log_metrics({k: v for k, v in stats_metrics(stats, name).items() if k.startswith("speed/")}, 0)
             tracker.set_tags({f"speed_{name}_cache": str(path)})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -179,7 +179,9 @@ def device_label(device: torch.device | str) -> str:
     return f"{device.type} ({name}, {torch.get_num_threads()} threads)"
 
 
-def speed_key(model_config: dict[str, Any], input_size: tuple[int, int], device: torch.device | str, method: dict[str, int]) -> dict[str, Any]:
+def speed_key(
+    model_config: dict[str, Any], input_size: tuple[int, int], device: torch.device | str, method: dict[str, int]
+) -> dict[str, Any]:
     """What decides a model's real-time figures: its config, the input size, the hardware, torch's version and how it is timed."""
     return {"model": model_config, "size": [int(side) for side in input_size], "device": device_label(device),
             "torch": torch.__version__, "method": method}
