@@ -172,6 +172,16 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (one shape on all ranks) concatenated along dim 0 in rank order,
+    without gradient; ``tensor`` itself with one process."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    tdist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if world_size() == 1:

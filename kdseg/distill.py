@@ -91,6 +91,8 @@ class Distiller(nn.Module):
     gradients, no random draws) gives every term the shapes it reads, so terms with learned
     parts build them (:meth:`Term.setup`), and a term that cannot be computed at that size
     (a pooling kernel larger than the map, say) is a :class:`ConfigError` before training.
+    In train mode each step first lets every term update its state (:meth:`Term.update_state`,
+    no gradients); the probe does not, so it leaves the terms' state as ``setup`` built it.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class Distiller(nn.Module):
                     feat_s, feat_t = self._inputs(term, logits_s, logits_t)
                     term.setup(tuple(feat_s.shape), tuple(feat_t.shape))
                     term.to(device)
+                    term.eval()  # the probe leaves BatchNorm statistics of learned parts as built
                     try:
                         term(feat_s, feat_t, masks)
                     except (ValueError, RuntimeError) as err:
@@ -145,6 +148,7 @@ class Distiller(nn.Module):
                         ) from None
         finally:
             self.student.train(was_training)
+            self.terms.train(self.training)
             self.student_taps.clear()
             self.teacher_taps.clear()
 
@@ -173,6 +177,9 @@ class Distiller(nn.Module):
             logits_t = self.run_teacher(images)
             for name, term in self.terms.items():
                 feat_s, feat_t = self._inputs(term, logits, logits_t)
+                if self.training:
+                    with torch.no_grad():
+                        term.update_state(feat_s, feat_t, masks)
                 losses[name] = term(feat_s, feat_t, masks, detach_teacher=not self.teacher_grad)
             self.student_taps.clear()
             self.teacher_taps.clear()

@@ -6,6 +6,7 @@ trains a teacher as a job of its own.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import OnBadSample
 from kdseg.distill import Distiller, active_terms, term_label
 from kdseg.errors import KdsegError
-from kdseg.profile import model_stats, stats_metrics
+from kdseg.profile import cached_model_stats, stats_metrics
+from kdseg.report import TERM_WEIGHT
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import auto_flag, seed_everything
 from kdseg.sweep import current_sweep
@@ -60,8 +62,11 @@ def write_config(cfg: DictConfig, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def plan_for(cfg: DictConfig) -> Plan:
+def plan_for(cfg: DictConfig, config: dict[str, Any] | None = None) -> Plan:
     """Where this training run writes, and the checkpoint it resumes from (``trainer.resume``).
+
+    ``config`` is the flattened config that identifies the run and its checkpoints store
+    (default: :func:`~kdseg.resume.run_config` of ``cfg``; a teacher's run passes its own).
 
     Under DDP rank 0 decides and the other ranks follow it (same folder, same checkpoint,
     which each rank loads itself).
@@ -69,7 +74,7 @@ def plan_for(cfg: DictConfig) -> Plan:
     plan, error = None, None
     if dist.is_main():
         try:
-            plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg), cfg.paths.cache_dir)
+            plan = plan_run(cfg.trainer.resume, cfg.paths.output_dir, run_config(cfg) if config is None else config, cfg.paths.cache_dir)
         except KdsegError as err:
             error = err
     if dist.world_size() > 1:  # rank 0's plan, or its error message
@@ -90,21 +95,36 @@ def plan_for(cfg: DictConfig) -> Plan:
     return plan
 
 
-def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
-    """The MLflow tags of a run: what it is (task, models, loss, dataset, seed), its sweep and commit."""
-    sweep_id, sweep_dir = current_sweep()
-    terms = active_terms({name: term.weight for name, term in cfg.loss.terms.items()})
+def model_tags(config: Mapping[str, Any]) -> dict[str, str]:
+    """What a training run's flattened config (:func:`~kdseg.resume.run_config`) trains, as MLflow tags:
+    task, student, teacher, loss, dataset and seed.
+
+    A teacher's run (``task=teacher``) has no student, loss ``ce`` and the seed it trains with
+    (``teacher.train.seed``); a key the config lacks is ``-``.
+    """
+    task = str(config.get("task", "-"))
+    distill = task == "distill"
+    weights = {m.group(1): float(value) for key, value in config.items() if (m := TERM_WEIGHT.match(key))}
+    seed = config.get("teacher.train.seed" if task == "teacher" else "seed", "-")
     return {
         "task": task,
-        "student": student or "-",
-        "teacher": cfg.teacher.model.encoder_name,
-        "loss": term_label(terms) if task == "distill" else "ce",
-        "dataset": cfg.dataset.name,
-        "seed": str(cfg.seed),
-        "sweep_id": sweep_id,
-        "sweep_dir": sweep_dir,
-        "git_commit": git_commit(Path(__file__).parent),
+        "student": str(config.get("student.encoder_name", "-")) if distill else "-",
+        "teacher": str(config.get("teacher.model.encoder_name", "-")),
+        "loss": term_label(active_terms(weights)) if distill else "ce",
+        "dataset": str(config.get("dataset.name", "-")),
+        "seed": str(seed),
     }
+
+
+def tags_for(config: Mapping[str, Any], *, shared: bool = False) -> dict[str, str]:
+    """The MLflow tags of a training run of the flattened ``config``: :func:`model_tags`, its sweep and commit.
+
+    ``shared``: a run that serves every sweep (the cached teacher) is not one sweep's member;
+    the sweep that first needed it is kept as ``first_needed_by_sweep``.
+    """
+    sweep_id, sweep_dir = current_sweep()
+    sweep = {"first_needed_by_sweep": sweep_id} if shared else {"sweep_id": sweep_id, "sweep_dir": sweep_dir}
+    return model_tags(config) | sweep | {"git_commit": git_commit(Path(__file__).parent)}
 
 
 def fit(
@@ -119,15 +139,21 @@ def fit(
     epochs: int,
     model_cfg: dict,
     seed: int,
+    record: dict[str, Any] | None = None,
 ) -> FitResult:
     """Build seeded loaders and a Trainer (``trainer_cfg``: the student's ``trainer`` or a teacher's
-    settings), train (or resume) for ``epochs``, and log the run's checkpoints."""
+    settings), train (or resume) for ``epochs``, and log the run's checkpoints.
+
+    ``record`` is the flattened training config the checkpoints store (default: the plan's), which
+    ``task=eval`` reads back to describe the model.
+    """
     seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
     train_loader, val_loader = build_loaders(
         *datasets, trainer_cfg.batch_size, trainer_cfg.num_workers, seed,
         pin_memory=auto_flag(trainer_cfg.pin_memory, device), persistent_workers=trainer_cfg.persistent_workers,
     )
-    run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config, "mlflow_run_id": tracker.run_id}
+    run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "mlflow_run_id": tracker.run_id,
+                "config": plan.config if record is None else record}
     trainer = Trainer(
         model, train_loader, val_loader, cfg=trainer_cfg, epochs=epochs,
         num_classes=cfg.dataset.num_classes, class_names=dataset_classes(cfg.dataset.name).names,
@@ -163,14 +189,29 @@ def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) 
               f"val {counts['data/skipped_val']}); listed in {path}", flush=True)
 
 
+SPEED_MODELS = {"student": "student", "teacher": "teacher.model"}
+"""The config node of each model whose real-time figures a run logs."""
+
+
 def log_speed(cfg: DictConfig, tracker: Tracker, models: dict[str, nn.Module | None], device: torch.device) -> None:
-    """Measure each model's real-time figures at ``dataset.eval_size`` and log them as ``speed/<name>_*``."""
+    """Log each model's real-time figures at ``dataset.eval_size`` as ``speed/<name>_*``.
+
+    The figures are the model's, not the run's: measured once per model config, size and device
+    and read from ``<paths.cache_dir>/speed/`` by every later run (:func:`~kdseg.profile.cached_model_stats`).
+    """
     if not cfg.speed.enabled:
         return
     size = tuple(cfg.dataset.eval_size)
+    method = (f"min over up to {cfg.speed.rounds} rounds of the median of {cfg.speed.repeats} passes, "
+              "measured once per model config, size, device and torch version")
     for name, model in models.items():
         if model is not None:
-            stats = model_stats(model, size, device, cfg.speed.repeats, cfg.speed.warmup)
+            node = OmegaConf.to_container(OmegaConf.select(cfg, SPEED_MODELS[name]), resolve=True)
+            node.pop("encoder_weights", None)  # the weights' origin does not change the speed
+            stats, path = cached_model_stats(
+                model, node, size, device, cfg.paths.cache_dir, cfg.speed.repeats, cfg.speed.warmup, cfg.speed.rounds,
+            )
             tracker.log_metrics({k: v for k, v in stats_metrics(stats, name).items() if k.startswith("speed/")}, 0)
+            tracker.set_tags({f"speed_{name}_cache": str(path)})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    tracker.set_tags({"speed_device": f"{where}, batch 1 at {size[0]}x{size[1]}"})
+    tracker.set_tags({"speed_device": f"{where}, batch 1 at {size[0]}x{size[1]}", "speed_method": method})

@@ -168,6 +168,7 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
         for name in SPEED:
             row[f"{name}_mean"] = _mean_of(r.speed.get(f"student_{name}") for r in runs)
         row["speed_device"] = runs[0].tags.get("speed_device", "")
+        row["speed_method"] = runs[0].tags.get("speed_method", IN_JOB_SPEED if row["speed_device"] else "")
         classes = dict.fromkeys(c for r in runs for c in r.iou)  # in class order, first seen first
         row["iou"] = {c: statistics.fmean(r.iou[c] for r in runs if c in r.iou) for c in classes}
         rows.append(row)
@@ -183,6 +184,9 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
 
 
 SPEED = ("gflops", "latency_ms", "fps")
+IN_JOB_SPEED = ("the median latency measured inside each training job (runs without a speed_method tag), "
+                "so it follows the host's load: compare FPS across runs with care")
+"""How the FPS of runs logged before speed figures were cached was measured (their summaries say so)."""
 """The real-time figures of a model (kdseg.profile), averaged over the runs that measured them."""
 
 
@@ -328,7 +332,8 @@ def to_markdown(
     text = "\n".join(lines) + "\n"
     devices = sorted({r["speed_device"] for r in rows if r["speed_device"]})
     if devices:
-        text += f"\nGFLOPs (a multiply-add = 2) and FPS (median latency, fp32): {'; '.join(devices)}\n"
+        methods = sorted({r["speed_method"] for r in rows if r["speed_method"]})
+        text += f"\nGFLOPs (a multiply-add = 2) and FPS (fp32): {'; '.join(devices)}; FPS {'; '.join(methods)}\n"
     if wall_s is not None:
         runs = sum(len(r["seeds"]) for r in rows)
         text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first run's start to last run's end)\n"

@@ -224,6 +224,7 @@ class SpeedConf:
     enabled: bool = MISSING
     repeats: int = at_least(1)
     warmup: int = at_least(0)
+    rounds: int = at_least(1)
 
 
 @dataclass

@@ -21,9 +21,9 @@ from kdseg import dist
 from kdseg.checkpoint import check_model, load_checkpoint, load_weights, model_config
 from kdseg.distill import Distiller
 from kdseg.errors import ConfigError
-from kdseg.job import FitResult, build, fit, log_skipped, log_speed, tags_for
+from kdseg.job import FitResult, build, fit, log_skipped, log_speed, tags_for, write_config
 from kdseg.models import count_params
-from kdseg.resume import Plan, plan_run
+from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import seed_everything
 from kdseg.tracking import Tracker, run_params
 from kdseg.utils import digest
@@ -62,20 +62,51 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg.trainer, shared)
 
 
+def teacher_config(cfg: DictConfig, out_dir: str | Path) -> DictConfig:
+    """The config a teacher trains with, resolved, as its run and checkpoints record it.
+
+    Not the job's config (which may be a student's distillation job that needed the cached
+    teacher): ``task=teacher``, ``seed`` = ``teacher.train.seed``, ``teacher.model`` and
+    ``teacher.train``, the dataset, the trainer settings it trains with (:func:`trainer_config`),
+    eval, speed, and paths with ``output_dir`` = the teacher's own run folder ``out_dir``.
+    """
+    node = {
+        "task": "teacher",
+        "seed": cfg.teacher.train.seed,
+        "teacher": {key: OmegaConf.to_container(cfg.teacher[key], resolve=True) for key in ("model", "train")},
+        "trainer": OmegaConf.to_container(trainer_config(cfg), resolve=True),
+    } | {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("dataset", "eval", "speed", "paths")}
+    node["paths"]["output_dir"] = str(Path(out_dir).resolve())
+    return OmegaConf.create(node)
+
+
 def train_teacher(
-    cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan, device: torch.device, cache_dir: str | None
+    cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan, device: torch.device, cache_dir: str | None,
+    cache: Path | None = None,
 ) -> FitResult:
-    """Train (or resume training) a teacher with cross-entropy only, as its own MLflow run."""
+    """Train (or resume training) a teacher with cross-entropy only, as its own MLflow run.
+
+    The run and its checkpoints record :func:`teacher_config`. ``cache``: the cache file this
+    teacher is trained for (its name and key are recorded; the run belongs to no one sweep).
+    """
     train = cfg.teacher.train
     seed_everything(train.seed)
     teacher = build(cfg.teacher.model)
-    params = run_params(cfg, dist.world_size()) | {"params/teacher_m": count_params(teacher) / 1e6}
+    own = teacher_config(cfg, plan.out_dir)
+    record = run_config(own) | ({"teacher_cache": cache.name} if cache else {})
+    params = run_params(own, dist.world_size()) | {"params/teacher_m": count_params(teacher) / 1e6}
+    tags = tags_for(record, shared=cache is not None)
+    if cache is not None:
+        params["teacher_cache"] = cache.name
+        tags |= {"teacher_cache": cache.name, "teacher_cache_key": digest(cache_key(cfg), CACHE_KEY_CHARS)}
+        write_config(own, plan.out_dir)  # the teacher's folder holds the teacher's config, not the job's
     name = f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}"
-    with plan.active("teacher", cache_dir), tracker.run(name, params, tags_for(cfg, "teacher", None), plan.mlflow_run_id, plan.out_dir):
+    with plan.active("teacher", cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, plan.out_dir):
         log_skipped(cfg, tracker, datasets, plan)
         result = fit(
             cfg, tracker, Distiller(teacher), datasets, plan, device,
             trainer_cfg=trainer_config(cfg), epochs=train.epochs, model_cfg=model_config(cfg.teacher.model), seed=train.seed,
+            record=record,
         )
         if dist.is_main():
             log_speed(cfg, tracker, {"teacher": teacher}, device)
@@ -97,7 +128,7 @@ def cached_teacher(cfg: DictConfig, datasets: tuple, device: torch.device) -> Pa
             with dist.single_process():  # rank 0 alone: the cached teacher does not depend on the world size
                 mode = "off" if cfg.trainer.resume == "off" else "auto"
                 plan = plan_run(mode, path.parent / f"{path.stem}-run", {"teacher_cache": path.name})
-                result = train_teacher(cfg, Tracker.from_config(cfg.logger), datasets, plan, device, None)
+                result = train_teacher(cfg, Tracker.from_config(cfg.logger), datasets, plan, device, None, cache=path)
             result.last_checkpoint.replace(path)
             print(f"teacher trained in {time.perf_counter() - t0:.0f}s and cached at {path}", flush=True)
     return path

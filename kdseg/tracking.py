@@ -294,6 +294,15 @@ class Tracker:
             return set()
         return {m.step for m in history}
 
+    def find_run(self, run_id: str) -> Any | None:
+        """The run ``run_id`` of this store (an MLflow ``Run``), or None if the store does not hold it."""
+        if not self.enabled:
+            return None
+        try:
+            return self._call("get_run", self.client.get_run, run_id, retries=0)
+        except Exception:
+            return None
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled and self.run_id:
             for key, value in tags.items():

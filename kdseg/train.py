@@ -26,7 +26,7 @@ from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
 from kdseg.errors import CheckpointError, DeviceMemoryError, NonFiniteLossError, TrainingInterrupted
 from kdseg.inference import EvalSettings, eval_settings, predict
-from kdseg.losses.base import labelled
+from kdseg.losses.base import Progress, Term, labelled
 from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.runtime import amp_policy, auto_flag, resolve_device, rng_state, set_rng_state
@@ -317,6 +317,7 @@ class Trainer:
             for images, masks in batches:
                 if self.iteration >= self.max_iters:
                     break
+                self.tell_progress(epoch)
                 void += not labelled(masks, self.ignore_index)  # on the loader's CPU tensor: no device sync
                 try:
                     loss, parts, step_skipped = self.train_step(images, masks)
@@ -382,6 +383,16 @@ class Trainer:
     def autocast(self) -> AbstractContextManager:
         """The mixed-precision context that ``trainer.amp`` asks for (a no-op when it is off)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def tell_progress(self, epoch: int) -> None:
+        """Give every loss term the step's :class:`~kdseg.losses.base.Progress` (derived from the
+        epoch and iteration that a resume restores, so a resumed run sees what an uninterrupted one would)."""
+        if self.terms is None:
+            return
+        progress = Progress(epoch, self.epochs, self.iteration, self.max_iters)
+        for term in self.terms.children():
+            if isinstance(term, Term):
+                term.set_progress(progress)
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
         """One optimisation step on a batch; returns the detached total loss, its parts, and

@@ -16,6 +16,18 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 IGNORE_INDEX = 255
 
+SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross")
+TEXTURES: tuple[str, ...] = ("solid", "stripes", "checker", "dots")
+CLASS_DESIGN: dict[int, tuple[str, str]] = {
+    1 + i * len(TEXTURES) + j: (shape, texture)
+    for i, shape in enumerate(SHAPES)
+    for j, texture in enumerate(TEXTURES)
+}
+"""The built-in dataset's label -> (shape, texture) for its 20 object classes; label 0 is background
+(drawn by :mod:`kdseg.data.synthetic`)."""
+SYNTHETIC_CLASSES: tuple[str, ...] = ("background", *(f"{shape}-{texture}" for shape, texture in CLASS_DESIGN.values()))
+"""The built-in dataset's class names in label order: ``background``, ``disc-solid`` ... ``cross-dots``."""
+
 # The 150 classes of the ADE20K SceneParsing benchmark (ADEChallengeData2016), in label order
 # (annotation value 1 = "wall" ... 150 = "flag"): the first synonym of each row of the benchmark's
 # objectInfo150.csv (github.com/CSAILVision/sceneparsing), the short names mmsegmentation also uses.
@@ -106,13 +118,18 @@ def _voc() -> DatasetClasses:
     return DatasetClasses(VOC_CLASSES, voc_palette())
 
 
-_DATASETS = {"synthetic": _voc, "voc": _voc, "voc_aug": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k}
+def _synthetic() -> DatasetClasses:
+    """The built-in set's own class names (shape-texture) in VOC's palette (its masks are VOC-layout PNGs)."""
+    return DatasetClasses(SYNTHETIC_CLASSES, voc_palette())
+
+
+_DATASETS = {"synthetic": _synthetic, "voc": _voc, "voc_aug": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k}
 DATASET_NAMES: tuple[str, ...] = tuple(_DATASETS)
 """Every ``dataset.name`` kdseg knows (each has class names and a palette)."""
 
 
 def dataset_classes(name: str) -> DatasetClasses:
-    """Class names and palette of ``dataset.name`` (the built-in set and VOC share VOC's)."""
+    """Class names and palette of ``dataset.name`` (the built-in set has its own names and VOC's palette)."""
     if name not in _DATASETS:
         raise ValueError(f"no class names for dataset '{name}'; known datasets: {', '.join(_DATASETS)}")
     return _DATASETS[name]()

@@ -7,9 +7,10 @@ images that the ordinary VOC reader opens unchanged::
     <root>/SegmentationClass/<id>.png               palette PNG, labels 0..20, 255 = void
     <root>/ImageSets/Segmentation/{train,val,trainval}.txt
 
-The 21 labels keep VOC's names and palette, but their content is synthetic: 0 is background
-and 1..20 are the 5 x 4 combinations of a SHAPE (disc, square, triangle, ring, cross) and a
-TEXTURE (solid with noise, stripes, checker, dots); see ``CLASS_DESIGN``. As in photographs,
+The 21 labels keep VOC's palette but have their own names (``SYNTHETIC_CLASSES``: the metrics'
+``val/iou/<name>``, the per-class tables): 0 is background and 1..20 are the 5 x 4 combinations
+of a SHAPE (disc, square, triangle, ring, cross) and a TEXTURE (solid with noise, stripes,
+checker, dots), named ``<shape>-<texture>``; see ``CLASS_DESIGN``. As in photographs,
 colour is a useful but incomplete cue: every shape has a colour family (``SHAPE_HUES``, e.g.
 reddish discs, bluish triangles) with a jittered shade per object, so colour narrows a pixel
 down to the four classes of one shape, and only the texture (and the outline) tells those four
@@ -44,7 +45,7 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image
 
-from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES, voc_palette
+from kdseg.data.classes import CLASS_DESIGN, IGNORE_INDEX, SHAPES, SYNTHETIC_CLASSES, TEXTURES, voc_palette
 
 FORMAT_VERSION = 3
 MARKER = ".complete"
@@ -52,14 +53,6 @@ MIN_SIZE = 32
 ID_PREFIX = "2026_"
 JPEG_QUALITY = 95
 
-SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross")
-TEXTURES: tuple[str, ...] = ("solid", "stripes", "checker", "dots")
-CLASS_DESIGN: dict[int, tuple[str, str]] = {
-    1 + i * len(TEXTURES) + j: (shape, texture)
-    for i, shape in enumerate(SHAPES)
-    for j, texture in enumerate(TEXTURES)
-}
-"""Label -> (shape, texture) for the 20 object classes; label 0 is background."""
 SHAPE_HUES = np.array([[200, 40, 40], [40, 170, 40], [40, 60, 200], [210, 190, 30], [170, 40, 190]], np.float32)
 """RGB hue of each shape's colour family (red discs, green squares, blue triangles, yellow rings, purple crosses)."""
 
@@ -198,7 +191,7 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     image = _background(rng, grid, size)
     labels = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.integers(2, 4))):
-        label = int(rng.integers(1, len(VOC_CLASSES)))
+        label = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
         shape, texture = CLASS_DESIGN[label]
         radius = size * rng.uniform(0.35, 0.65) / 2.0
         cy, cx = rng.uniform(0.15 * size, 0.85 * size, 2)

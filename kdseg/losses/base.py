@@ -19,12 +19,28 @@ A term that averages over labelled pixels must then give 0 with zero gradient, n
 :func:`masked_mean` is such a mean, and :func:`void_safe` replaces a loss already computed
 by 0 where nothing is labelled (both without a device sync; see their caveats).
 
+A term whose loss depends on how far training has come (a weight schedule) reads
+``self.progress`` (:class:`Progress`): the Trainer calls :meth:`Term.set_progress` before every
+training step with the epoch and iteration it restores on resume, so a resumed run sees the
+same progress as an uninterrupted one and nothing extra is saved.
+
+A term with **state** across iterations (CIRKD's memory queues, a step counter) keeps it in
+buffers registered in :meth:`Term.setup` and changes it only in :meth:`Term.update_state`,
+which the Distiller calls once per training step, under ``torch.no_grad``, before the term's
+loss; the probe pass and evaluation never call it. Buffers go where the learned parts go:
+saved in the checkpoint's ``terms`` and restored on resume, broadcast from rank 0 by DDP at
+each step, never part of the student or its export. A stateful term draws its random numbers
+from :func:`step_generator` (seeded by its ``seed`` and a step counter it keeps as a buffer),
+not from torch's global generator, so it is the same on every rank, resumes bit for bit and
+leaves the run's other random streams alone.
+
 Adding a method is one module (a pure function of tensors plus a thin :class:`Term`) and one
 yaml in ``conf/loss/`` whose ``terms.<name>`` node targets it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +62,16 @@ def check_positive(value: float, what: str, minimum: float = 0.0, strict: bool =
     return number
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands at a step: ``epoch`` of ``epochs`` (1-based), ``iteration`` of ``max_iters`` (0-based)."""
+
+    epoch: int = 1
+    epochs: int = 1
+    iteration: int = 0
+    max_iters: int = 1
+
+
 class Term(nn.Module):
     """Base class of the distillation terms (see the module docstring for the protocol)."""
 
@@ -55,6 +81,7 @@ class Term(nn.Module):
         if not isinstance(tap, str) or not tap:
             raise ConfigError(f"tap={tap!r}: expected a module path or '{LOGITS}'")
         self.tap = tap
+        self.progress = Progress()
 
     @property
     def reads_logits(self) -> bool:
@@ -62,6 +89,13 @@ class Term(nn.Module):
 
     def setup(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
         """Build learned parts for these input shapes (B x C x H x W); nothing by default."""
+
+    def set_progress(self, progress: Progress) -> None:
+        """Called by the Trainer before every training step; terms with a schedule read ``self.progress``."""
+        self.progress = progress
+
+    def update_state(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> None:
+        """Advance the term's state with this training batch (called before :meth:`loss`); nothing by default."""
 
     def loss(self, feat_s: Tensor, feat_t: Tensor, masks: Tensor | None) -> Tensor:
         """The unweighted loss; ``feat_t`` is already detached unless the teacher takes gradients."""
@@ -72,6 +106,11 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}, tap={self.tap!r}"
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for draw ``stream`` (0..7) of step ``step`` of a term seeded by ``seed``."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) % 2**63)
 
 
 def valid_pixels(masks: Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -8,7 +8,8 @@ a squared error summed over node pairs, divided by N^2 and by the batch size.
 
 The pooling kernel is a fraction ``scale`` of the map (the paper's and SKD's original
 form), or, with ``kernel=k``, an absolute k x k window (CIRKD's SKD reimplementation uses
-``k = 2``).
+``k = 2``; it matches CIRKD's SKD in its pooling only: CIRKD's ``F.normalize`` back-propagates
+through the node norm, which this term holds constant as the paper does).
 """
 from __future__ import annotations
 

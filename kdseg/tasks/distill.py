@@ -43,7 +43,7 @@ def run_distill(cfg: DictConfig, tracker: Tracker, device: torch.device) -> floa
     if teacher is not None:
         params["params/teacher_m"] = count_params(teacher) / 1e6
         params["teacher_checkpoint"] = str(teacher_path)
-    tags = tags_for(cfg, "distill", cfg.student.encoder_name)
+    tags = tags_for(plan.config)
     out_dir = plan.out_dir
     with plan.active("distill", cfg.paths.cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, out_dir) as run_id:
         log_skipped(cfg, tracker, datasets, plan)

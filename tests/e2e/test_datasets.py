@@ -70,7 +70,7 @@ def test_teacher_then_eval_and_figure_use_the_dataset_classes(written, make_cfg,
     cfg = dataset_cfg(make_cfg, written, "task=eval", f"checkpoint={checkpoint}")
     assert run(cfg) == pytest.approx(miou)
     present, _ = FIRST_CLASS[written.name]
-    for run_name in (f"teacher-resnet18-{written.name}", "eval-last"):
+    for run_name in (f"teacher-resnet18-{written.name}", "eval-teacher-resnet18-seed0-last"):
         metrics = mlflow_run(cfg, run_name, written.name).data.metrics
         assert f"val/iou/{present}" in metrics and "val/iou/background" not in metrics, run_name
     # every evaluation mode on the dataset's own (odd-sized) val images, logged with its class names

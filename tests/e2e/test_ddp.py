@@ -123,3 +123,46 @@ def test_torchrun_run_killed_and_relaunched_resumes_bit_identically(tmp_path, se
     a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("full", "cut"))
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+def _cirkd_rank(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group: push this rank's batch into a CIRKD term's queues."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        term = _small_cirkd()
+        feat_t, masks = _cirkd_batch(rank)
+        term.update_state(None, feat_t, masks)
+        torch.save(term.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _small_cirkd():
+    from kdseg.losses import CIRKDLoss
+
+    term = CIRKDLoss(1.0, tap="x", num_classes=3, pixel_memory_size=8, region_memory_size=4, pixels_per_update=2, seed=1)
+    term.setup((2, 4, 3, 3), (2, 5, 3, 3))
+    return term
+
+
+def _cirkd_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(2, 5, 3, 3, generator=g), torch.randint(0, 3, (2, 3, 3), generator=g)
+
+
+def test_cirkd_queues_take_every_ranks_batch(tmp_path):
+    """Under DDP each rank pushes the embeddings of all ranks (the authors' concat_all_gather):
+    both ranks end with the queues one process gets from the two batches concatenated."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_cirkd_rank, args=(port, str(tmp_path)), nprocs=2)
+    alone = _small_cirkd()
+    batches = [_cirkd_batch(rank) for rank in range(2)]
+    alone.update_state(None, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, value in alone.state_dict().items():
+            assert torch.equal(state[name], value), (rank, name)

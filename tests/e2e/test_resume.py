@@ -323,3 +323,41 @@ def test_sigterm_to_run_py_is_one_line_and_the_same_command_resumes(reference, s
     subprocess.run(run_py(tmp_path, session_dir, second, "resume-sigterm-cli"), cwd=tmp_path, check=True,
                    stdout=subprocess.DEVNULL, timeout=1800)
     assert history(first) == reference[1] and read_run(first)["status"] == "finished"
+
+
+CIRKD = ["loss=cirkd", "loss.terms.cirkd.pixel_memory_size=64", "loss.terms.cirkd.region_memory_size=8",
+         "loss.terms.cirkd.pixels_per_update=4"]
+"""A CIRKD job with small queues: a term whose state (queues, pointers, step) must resume too."""
+
+
+@pytest.mark.slow
+def test_killed_cirkd_run_resumes_with_its_queues_bit_identically(session_dir, tmp_path):
+    """SIGKILL after the first epoch's checkpoint; the relaunch ends with the uninterrupted run's
+    metrics and the very same queues, which are saved with the terms and not in the student."""
+    from kdseg.checkpoint import load_model
+
+    reference = tmp_path / "reference"
+    run(job(tmp_path, session_dir, reference, "logger.run_name=cirkd-reference", *CIRKD))
+    first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
+    command = [*run_py(tmp_path, session_dir, first, "cirkd-killed"), *CIRKD]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 1800
+    while not (first / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    assert load_checkpoint(first / "last.pt")["epoch"] < 3
+    command[command.index(f"hydra.run.dir={first}")] = f"hydra.run.dir={second}"
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    assert history(first) == history(reference)
+    resumed, uninterrupted = load_checkpoint(first / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert resumed["terms"]["cirkd.step"].item() == 3 * 4  # 3 epochs of 4 iterations
+    assert resumed["terms"].keys() == uninterrupted["terms"].keys()
+    for key, value in uninterrupted["terms"].items():
+        assert torch.equal(resumed["terms"][key], value), key
+    assert not any(key.startswith("cirkd") or "queue" in key for key in resumed["state_dict"])
+    student, _ = load_model(first / "last.pt")
+    assert set(student.state_dict()) == set(resumed["state_dict"])

@@ -8,10 +8,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from kdseg.checkpoint import load_checkpoint
+from kdseg.data import build_datasets
+from kdseg.data.classes import SYNTHETIC_CLASSES
 from kdseg.data.synthetic import generate
 from kdseg.errors import CheckpointError, ConfigError
 from kdseg.tasks import run
+from kdseg.job import build
 from kdseg.teacher import cache_path as teacher_cache_path
+from kdseg.teacher import get_teacher
 
 
 def mlflow_run(cfg, run_name: str):
@@ -43,7 +47,16 @@ def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
     metrics = mrun.data.metrics
     assert 0 < metrics["speed/student_gflops"] < metrics["speed/teacher_gflops"]
     assert metrics["speed/student_fps"] == pytest.approx(1000 / metrics["speed/student_latency_ms"])
-    assert mrun.data.tags["speed_device"] == "cpu, batch 1 at 64x64"
+    assert mrun.data.tags["speed_device"] == "cpu, batch 1 at 64x64" and "measured once" in mrun.data.tags["speed_method"]
+    # the teacher's figures are its architecture's: the cached teacher's own run logged the very same
+    teacher_run = client.search_runs([mrun.info.experiment_id], f"tags.teacher_cache = '{teacher_cache_path(cfg).name}'")[0]
+    assert {key: metrics[key] for key in metrics if key.startswith("speed/teacher_")} == {
+        key: value for key, value in teacher_run.data.metrics.items() if key.startswith("speed/teacher_")}
+    # the built-in set's classes by their own names (shape-texture), in the metrics and the per-class table
+    ious = {key.removeprefix("val/iou/") for key in metrics if key.startswith("val/iou/")}
+    assert ious and ious <= set(SYNTHETIC_CLASSES) and "background" in ious and "cat" not in ious
+    table = (out / "per_class_iou.md").read_text()
+    assert all(f"| {name} | {100 * metrics[f'val/iou/{name}']:.2f} |" in table for name in ious) and "| cat |" not in table
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(mrun.info.run_id, "checkpoints")}
     assert {"predictions.png", "per_class_iou.md", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
@@ -60,6 +73,29 @@ def test_teacher_is_cached_and_reused(make_cfg, capsys):
     run(make_cfg("loss=pa", "seed=1"))
     assert "training one" not in capsys.readouterr().out
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_the_cached_teachers_runs_record_the_teacher(make_cfg, tmp_path):
+    """The cached teacher's training run (started by a student's job) and an eval of it describe the teacher."""
+    cfg = make_cfg("seed=5", "student=mobilenet_v2", "teacher.model.encoder_name=resnet18", "teacher.train.seed=2")
+    path = teacher_cache_path(cfg)
+    get_teacher(cfg, build_datasets(cfg.dataset), build(cfg.teacher.model), torch.device("cpu"))
+    client = MlflowClient(cfg.logger.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    (trun,) = client.search_runs([experiment.experiment_id], f"tags.teacher_cache = '{path.name}'")
+    params, tags = trun.data.params, trun.data.tags
+    assert (tags["task"], tags["teacher"], tags["student"], tags["loss"], tags["seed"]) == ("teacher", "resnet18", "-", "ce", "2")
+    assert "sweep_id" not in tags and tags["teacher_cache_key"] in path.name
+    assert (params["task"], params["seed"], params["teacher.train.seed"], params["teacher_cache"]) == ("teacher", "2", "2", path.name)
+    assert params["paths.output_dir"] == str(path.parent / f"{path.stem}-run")
+    assert params["trainer.epochs"] == str(cfg.teacher.train.epochs)
+    assert not any(key.startswith(("student.", "loss.", "logger.")) for key in params)
+    assert load_checkpoint(path)["config"]["teacher.train.seed"] == 2
+    # an eval of the cached teacher (task=eval without a checkpoint) is named and tagged after it
+    run(make_cfg("task=eval", "seed=5", "teacher.model.encoder_name=resnet18", "teacher.train.seed=2"))
+    (erun,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'eval-teacher-resnet18-seed2-{path.stem}'")
+    assert (erun.data.tags["trained_task"], erun.data.tags["seed"]) == ("teacher", "2")
+    assert erun.data.tags["trained_in_run"] == trun.info.run_id and erun.data.params["checkpoint"] == str(path)
 
 
 def test_smoke_teacher_key_differs_from_default_budget(make_cfg):
@@ -122,12 +158,22 @@ def test_every_baseline_together_trains_and_logs_its_term(make_cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", (*BASELINES, "cirkd", "afdcd"))
 def test_each_baseline_runs_a_smoke_job(make_cfg, method):
     cfg = make_cfg(f"loss={method}", f"logger.run_name=e2e-{method}")
     run(cfg)
     _, mrun = mlflow_run(cfg, f"e2e-{method}")
     assert mrun.data.tags["loss"] == method and f"train/loss_{method}" in mrun.data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dkd", "aicsd", "bpkd"])
+def test_each_label_or_schedule_method_runs_a_smoke_job(make_cfg, method):
+    """The logit methods that read the labels (dkd, bpkd) or the training progress (aicsd): loss=<name> trains and logs its term."""
+    cfg = make_cfg(f"loss={method}", f"logger.run_name=e2e-{method}")
+    run(cfg)
+    _, mrun = mlflow_run(cfg, f"e2e-{method}")
+    assert mrun.data.tags["loss"] == method and math.isfinite(mrun.data.metrics[f"train/loss_{method}"])
 
 
 def test_fitnet_adapter_is_saved_with_the_student_but_not_in_it(make_cfg, tmp_path):

@@ -51,8 +51,10 @@ def test_default_teacher_starts_residual_blocks_as_identity(make_cfg):
     assert len(blocks) == 33 and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
 
 
-BASELINES = {"kd": 1, "cwd": 3, "at": 10000, "fitnet": 1, "dist": 1, "ifvd": 200}
-"""Each baseline's option switches on its own term at its reference weight."""
+BASELINES = {
+    "kd": 1, "cwd": 3, "at": 10000, "fitnet": 1, "dist": 1, "ifvd": 200, "dkd": 1, "aicsd": 1, "bpkd": 1, "cirkd": 1, "afdcd": 1,
+}
+"""Each method's option switches on its own term at its reference weight."""
 
 
 @pytest.mark.parametrize("option", options("loss"))

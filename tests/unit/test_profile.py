@@ -7,7 +7,8 @@ from torch import nn
 
 from kdseg.errors import ConfigError
 from kdseg.models import build_model
-from kdseg.profile import check_input_size, count_flops, measure_latency, model_stats, stats_metrics
+from kdseg import profile
+from kdseg.profile import cached_model_stats, check_input_size, count_flops, measure_latency, model_stats, stable_latency, stats_metrics
 
 
 class Recorder(nn.Module):
@@ -116,3 +117,31 @@ def test_stats_metrics_names():
     assert sorted(stats_metrics(stats, "teacher")) == [
         "params/teacher_m", "speed/teacher_fps", "speed/teacher_gflops", "speed/teacher_latency_ms",
     ]
+
+
+@pytest.mark.parametrize("rounds, expected", [(1, (10.0, 1)), (2, (8.0, 2)), (5, (7.9, 3))])
+def test_latency_is_the_minimum_of_rounds_until_a_round_no_longer_lowers_it(monkeypatch, rounds, expected):
+    """Medians 10, 8, 7.9, 5 ms: 8 lowers the minimum by 20%, 7.9 by 1.25% (< 2%: stable), so 5 is never measured."""
+    medians = iter([10.0, 8.0, 7.9, 5.0])
+    warmups = []
+    monkeypatch.setattr(profile, "measure_latency", lambda model, x, repeats, warmup: warmups.append(warmup) or next(medians))
+    assert stable_latency(nn.Identity(), torch.zeros(1), repeats=4, warmup=2, rounds=rounds) == expected
+    assert warmups == [2] + [0] * (expected[1] - 1)  # only the first round warms up
+
+
+def test_speed_is_measured_once_per_model_size_and_device_and_read_back_unchanged(tmp_path, monkeypatch):
+    calls = []
+    measure = profile.measure_latency
+    monkeypatch.setattr(profile, "measure_latency", lambda *args: calls.append(args[1].shape) or measure(*args))
+    model, config = nn.Conv2d(3, 2, 1), {"encoder_name": "tiny", "classes": 2}
+    first, path = cached_model_stats(model, config, (16, 16), "cpu", tmp_path, repeats=2, warmup=1, rounds=3)
+    measured = len(calls)
+    assert 1 <= measured <= 3 and path.is_file() and path.parent == tmp_path / "speed" and path.name.startswith("tiny-16x16-")
+    again, same = cached_model_stats(model, config, (16, 16), "cpu", tmp_path, repeats=2, warmup=1, rounds=3)
+    assert (again, same) == (first, path) and len(calls) == measured  # a hit: the same figures, nothing timed
+    assert again["fps"] == pytest.approx(1000 / again["latency_ms"])
+    for other in [(config | {"classes": 3}, (16, 16), 2), (config, (8, 16), 2), (config, (16, 16), 3)]:  # model, size, method
+        before = len(calls)
+        _, other_path = cached_model_stats(nn.Conv2d(3, other[0]["classes"], 1), other[0], other[1], "cpu", tmp_path,
+                                           repeats=other[2], warmup=1, rounds=3)
+        assert other_path != path and len(calls) > before, other

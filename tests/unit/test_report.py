@@ -63,3 +63,24 @@ def test_gain_figure_only_for_rows_with_a_paired_baseline(tmp_path):
     paired = lone + [_record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "0"}, 0, 0.4)]
     path = save_gain_figure(tmp_path / "gains.png", summarize(paired))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_class_ious_of_the_built_in_set_follow_its_own_class_order():
+    """The built-in set's shape-texture names in label order; a name the set lacks (VOC's cat) comes last."""
+    from kdseg.report import class_ious
+
+    metrics = {"val/miou": 0.4, "val/iou/square-solid": 0.3, "val/iou/cat": 0.1, "val/iou/background": 0.9, "val/iou/disc-dots": 0.2}
+    assert list(class_ious(metrics, "synthetic").items()) == [
+        ("background", 0.9), ("disc-dots", 0.2), ("square-solid", 0.3), ("cat", 0.1)]
+
+
+def test_the_summary_says_how_its_fps_was_measured():
+    """Runs with a speed_method tag (cached figures) say it; older runs (measured in each job) get the load caveat."""
+    from kdseg.report import IN_JOB_SPEED, summarize, to_markdown
+
+    record = _record("small", "4.4", {"pi": "0"}, 0, 0.1)
+    record.tags["speed_device"], record.speed = "cpu, batch 1 at 64x64", {"student_fps": 50.0}
+    assert f"cpu, batch 1 at 64x64; FPS {IN_JOB_SPEED}" in to_markdown(summarize([record]))
+    record.tags["speed_method"] = "measured once"
+    text = to_markdown(summarize([record]))
+    assert "cpu, batch 1 at 64x64; FPS measured once" in text and IN_JOB_SPEED not in text

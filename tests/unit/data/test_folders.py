@@ -17,7 +17,7 @@ from PIL import Image
 from kdseg.config import validate
 from kdseg.data import build_datasets
 from kdseg.data.__main__ import main as check_main
-from kdseg.data.classes import VOC_CLASSES, dataset_classes, voc_palette
+from kdseg.data.classes import CLASS_DESIGN, VOC_CLASSES, dataset_classes, voc_palette
 from kdseg.data.folders import folder_dataset
 from kdseg.data.labels import ade20k_label_map, cityscapes_label_map
 from kdseg.errors import ConfigError, DataError, MissingDataError
@@ -89,9 +89,17 @@ def test_ade20k_classes_and_palette() -> None:
     assert palette[0:3] == voc_palette()[3:6] and palette[-3:] == [0, 0, 0]
 
 
-@pytest.mark.parametrize("name", ["synthetic", "voc", "voc_aug"])
-def test_voc_layout_datasets_keep_voc_classes(name: str) -> None:
+@pytest.mark.parametrize("name", ["voc", "voc_aug"])
+def test_voc_datasets_have_voc_classes(name: str) -> None:
     assert dataset_classes(name) == (VOC_CLASSES, voc_palette())
+
+
+def test_the_built_in_set_names_its_classes_by_shape_and_texture() -> None:
+    names, palette = dataset_classes("synthetic")
+    assert palette == voc_palette() and len(names) == len(set(names)) == len(VOC_CLASSES)
+    assert names[:6] == ("background", "disc-solid", "disc-stripes", "disc-checker", "disc-dots", "square-solid")
+    assert names[-1] == "cross-dots" and not set(names[1:]) & set(VOC_CLASSES)
+    assert all(names[label] == f"{shape}-{texture}" for label, (shape, texture) in CLASS_DESIGN.items())
 
 
 def test_unknown_dataset_has_no_classes() -> None:
