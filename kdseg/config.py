@@ -40,6 +40,8 @@ ONE_IMAGE_BN = (
     "per channel in training"
 )
 """Why a training batch of one image per process fails (smp's ``Expected more than 1 value per channel``)."""
+FOLDER_KEYS = ("paths.data_dir", "paths.cache_dir", "paths.output_dir")
+"""Path keys of folders kdseg creates when missing (a file on the way is an error)."""
 
 
 def _bad(key: str, value: object, expected: str) -> ConfigError:
@@ -175,10 +177,6 @@ def cross_checks(cfg: DictConfig) -> None:
     check_paths(cfg)
 
 
-FOLDER_KEYS = ("paths.data_dir", "paths.cache_dir", "paths.output_dir")
-"""Path keys of folders kdseg creates when missing (a file on the way is an error)."""
-
-
 def check_paths(cfg: DictConfig) -> None:
     """Every path-valued key this task reads is of the right kind (a file, a folder), or missing only
     where kdseg creates it; the error says what the path is and what was expected.
@@ -189,8 +187,7 @@ def check_paths(cfg: DictConfig) -> None:
     files = []
     if cfg.task == "eval" and cfg.checkpoint is not None:
         files.append(("checkpoint", cfg.checkpoint))
-    terms = any(term.get("weight", 0) > 0 for term in cfg.loss.terms.values())
-    if cfg.task == "distill" and terms and cfg.teacher.checkpoint is not None:
+    if cfg.task == "distill" and _has_terms(cfg) and cfg.teacher.checkpoint is not None:
         files.append(("teacher.checkpoint", cfg.teacher.checkpoint))
     for key, value in files:
         if not Path(value).is_file():
@@ -208,6 +205,11 @@ def check_paths(cfg: DictConfig) -> None:
         raise ConfigError(f"config dataset.root='{ds.root}' is a file, not a folder: expected {hint}")
 
 
+def _has_terms(cfg: DictConfig) -> bool:
+    """Whether any loss term is active (weight > 0): the run needs a teacher."""
+    return any(term.get("weight", 0) > 0 for term in cfg.loss.terms.values())
+
+
 def _shown(node: DictConfig, key: str, where: str) -> str:
     """``where=value``, with the interpolation it came from (``${trainer.batch_size}``) if any."""
     raw = OmegaConf.to_container(node, resolve=False)[key]
@@ -221,8 +223,7 @@ def check_training_batches(cfg: DictConfig) -> None:
     normalises over the global batch of world-size images). The cached teacher of a generated
     dataset trains in one process, so its ``teacher.train.batch_size`` needs 2 or more.
     """
-    terms = any(term.get("weight", 0) > 0 for term in cfg.loss.terms.values())
-    trains_cached_teacher = cfg.task == "distill" and cfg.dataset.generated and cfg.teacher.checkpoint is None and terms
+    trains_cached_teacher = cfg.task == "distill" and cfg.dataset.generated and cfg.teacher.checkpoint is None and _has_terms(cfg)
     checks = []
     if cfg.task == "distill":
         checks.append((cfg.trainer, "trainer", True))
