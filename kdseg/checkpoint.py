@@ -65,8 +65,7 @@ def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **cont
     except (OSError, RuntimeError) as err:
         if not _out_of_space(err):
             raise
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
+        written = tmp.stat().st_size if tmp.exists() else 0  # (removed by the finally clause)
         raise DiskFullError(_no_space_message(path, written, err)) from err
     finally:
         tmp.unlink(missing_ok=True)
