@@ -8,9 +8,11 @@ is missing, truncated, not a checkpoint or full of pickled objects is a one-line
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdseg.errors import CheckpointError, MissingCheckpointError
+from kdseg.errors import CheckpointError, DiskFullError, MissingCheckpointError
 from kdseg.models import build_model
+from kdseg.utils import not_a_file
 
 MODEL_KEYS = ("encoder_name", "classes", "encoder_weights", "output_stride")
 ZIP_MAGIC = b"PK\x03\x04"
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""A write that failed for lack of room: a full disk, a quota, a file-size limit (``ulimit -f``)."""
+TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|failed writing", re.IGNORECASE)
+"""How torch's zip writer reports a failed write (its RuntimeError hides the OSError, kept as context)."""
 
 
 def model_config(cfg: Any) -> dict:
@@ -40,7 +47,9 @@ def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **cont
     """``torch.save`` to a temporary sibling, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the old or the new file, never a partial one. With
-    ``keep_previous`` the replaced file becomes :func:`previous_path` first.
+    ``keep_previous`` the replaced file becomes :func:`previous_path` first. A full disk (or a
+    quota, or a file-size limit) is a :class:`DiskFullError` naming the file, the free space and
+    the size needed; the temporary file is removed and the previous checkpoint left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,9 +62,49 @@ def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **cont
         if keep_previous and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if not _out_of_space(err):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0  # (removed by the finally clause)
+        raise DiskFullError(_no_space_message(path, written, err)) from err
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an exception it was raised from or during) is a write that found no room."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+            return True
+        if isinstance(err, RuntimeError) and TORCH_WRITE_FAILED.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _size(n: int) -> str:
+    """Bytes in MiB (or KiB below one MiB), for a message."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _no_space_message(path: Path, written: int, err: BaseException) -> str:
+    """One line: the file, why, the free space, the size needed, what is left and how to go on."""
+    reason = next((os.strerror(e.errno) for e in (err, err.__context__, err.__cause__)
+                   if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS), "no space left")
+    if path.exists():  # the checkpoint it would replace: about the size of the new one
+        need, kept = f"about {_size(max(written, path.stat().st_size))}", f"the previous '{path}' is intact"
+    else:
+        need, kept = f"more than the {_size(written)} written", "nothing was left half-written"
+    return (f"cannot write checkpoint '{path}': {reason} ({_size(shutil.disk_usage(path.parent).free)} free there, "
+            f"{need} needed); {kept}. Free space (or raise the quota) and run the same command again: "
+            "it resumes from the last checkpoint")
+
+
+def _inside(folder: Path) -> str:
+    """``, e.g. '<folder>/last.pt'`` naming the checkpoints a folder holds (none: empty)."""
+    found = sorted(p.name for p in folder.glob("*.pt") if p.is_file() and ".prev" not in p.name)
+    return f", e.g. '{folder / found[0]}' of {', '.join(found)} there" if found else ""
 
 
 def _diagnose(path: Path, err: Exception) -> str:
@@ -80,8 +129,10 @@ def _diagnose(path: Path, err: Exception) -> str:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a kdseg checkpoint safely; a clear error for missing, truncated or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder, not a file (expected a checkpoint file{_inside(path)})")
     if not path.is_file():
-        raise MissingCheckpointError(f"checkpoint '{path}' does not exist")
+        raise MissingCheckpointError(f"checkpoint '{path}' {not_a_file(path)} (expected a checkpoint file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, OSError, KeyError, UnpicklingError ...

@@ -11,18 +11,23 @@ import dataclasses
 import typing
 from collections.abc import Iterator
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from kdseg import dist
 from kdseg.data.classes import dataset_classes
 from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
+from kdseg.data.voc import LAYOUT_HINT
 from kdseg.errors import ConfigError
 from kdseg.inference import eval_settings
 from kdseg.models import check_encoder
+from kdseg.runtime import resolve_device
 from kdseg.schema import SCHEMA, Check, Config
+from kdseg.utils import not_a_file, not_a_folder_to_be
 
 __all__ = ["ConfigError", "cross_checks", "validate"]
 
@@ -30,6 +35,13 @@ VOC_SPLIT_KEYS = ("image_dir", "mask_dir", "val_mask_dir", "train_list", "val_li
 """The dataset keys of the VOC layout (a list file per split); the folder layouts' are ``SPLIT_KEYS``."""
 GENERATED_KEYS = ("num_train", "num_val", "image_size", "seed")
 """The dataset keys a generated dataset is made from (and named after)."""
+ONE_IMAGE_BN = (
+    "DeepLabV3+'s ASPP image-pooling branch pools each image to 1x1 and BatchNorm cannot normalise one value "
+    "per channel in training"
+)
+"""Why a training batch of one image per process fails (smp's ``Expected more than 1 value per channel``)."""
+FOLDER_KEYS = ("paths.data_dir", "paths.cache_dir", "paths.output_dir")
+"""Path keys of folders kdseg creates when missing (a file on the way is an error)."""
 
 
 def _bad(key: str, value: object, expected: str) -> ConfigError:
@@ -161,3 +173,72 @@ def cross_checks(cfg: DictConfig) -> None:
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.generated, "checkpoint", cfg.checkpoint,
                  "a checkpoint path for task=eval on real data")
+    check_training_batches(cfg)
+    check_paths(cfg)
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Every path-valued key this task reads is of the right kind (a file, a folder), or missing only
+    where kdseg creates it; the error says what the path is and what was expected.
+
+    A missing dataset root is left to the dataset, whose message names the layout it expects;
+    ``trainer.resume`` to :func:`kdseg.resume.plan_run`, which looks into the folder or file.
+    """
+    files = []
+    if cfg.task == "eval" and cfg.checkpoint is not None:
+        files.append(("checkpoint", cfg.checkpoint))
+    if cfg.task == "distill" and _has_terms(cfg) and cfg.teacher.checkpoint is not None:
+        files.append(("teacher.checkpoint", cfg.teacher.checkpoint))
+    for key, value in files:
+        if not Path(value).is_file():
+            hint = " (such as last.pt or best.pt in a run folder)" if Path(value).is_dir() else ""
+            raise ConfigError(f"config {key}='{value}' {not_a_file(value)}: expected a checkpoint file{hint}")
+    ds = cfg.dataset
+    folders = list(FOLDER_KEYS) + (["dataset.root"] if ds.generated else [])
+    for key in folders:
+        value = OmegaConf.select(cfg, key)
+        problem = not_a_folder_to_be(value)
+        if problem is not None:
+            raise ConfigError(f"config {key}='{value}' {problem}: expected a folder (kdseg creates it if missing)")
+    if not ds.generated and Path(ds.root).exists() and not Path(ds.root).is_dir():
+        hint = LAYOUTS[ds.name].hint if ds.name in LAYOUTS else LAYOUT_HINT
+        raise ConfigError(f"config dataset.root='{ds.root}' is a file, not a folder: expected {hint}")
+
+
+def _has_terms(cfg: DictConfig) -> bool:
+    """Whether any loss term is active (weight > 0): the run needs a teacher."""
+    return any(term.get("weight", 0) > 0 for term in cfg.loss.terms.values())
+
+
+def _shown(node: DictConfig, key: str, where: str) -> str:
+    """``where=value``, with the interpolation it came from (``${trainer.batch_size}``) if any."""
+    raw = OmegaConf.to_container(node, resolve=False)[key]
+    return f"{where}={node[key]!r}" + (f" (from {raw})" if "${" in str(raw) else "")
+
+
+def check_training_batches(cfg: DictConfig) -> None:
+    """A training batch of one image per process is refused before any work (:data:`ONE_IMAGE_BN`).
+
+    It works, and is allowed, with ``trainer.sync_bn=true`` under DDP on CUDA (BatchNorm then
+    normalises over the global batch of world-size images). The cached teacher of a generated
+    dataset trains in one process, so its ``teacher.train.batch_size`` needs 2 or more.
+    """
+    trains_cached_teacher = cfg.task == "distill" and cfg.dataset.generated and cfg.teacher.checkpoint is None and _has_terms(cfg)
+    checks = []
+    if cfg.task == "distill":
+        checks.append((cfg.trainer, "trainer", True))
+    if cfg.task == "teacher" or trains_cached_teacher:
+        checks.append((cfg.teacher.train, "teacher.train", cfg.task == "teacher"))
+    for node, where, may_sync in checks:
+        if node.batch_size != 1:
+            continue
+        synced = may_sync and cfg.trainer.sync_bn and dist.launched_distributed() and resolve_device(cfg.trainer.device).type == "cuda"
+        if synced:
+            continue
+        works = "a batch of 2 or more per process"
+        if may_sync:
+            works += ", or trainer.sync_bn=true under DDP on CUDA (BatchNorm over the global batch of all processes)"
+        else:
+            works += " (the cached teacher trains in one process, so trainer.sync_bn cannot help)"
+        raise ConfigError(f"config {_shown(node, 'batch_size', f'{where}.batch_size')}: a training batch of 1 image per process "
+                          f"cannot train: {ONE_IMAGE_BN}; use {works}")

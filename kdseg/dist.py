@@ -273,15 +273,17 @@ def reduce_confusion(mat: torch.Tensor, loader: Any) -> None:
         tdist.all_reduce(mat)
 
 
-def reduce_epoch(sums: dict[str, torch.Tensor], seen: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Per-epoch training statistics over all ranks: loss sums averaged, image counts summed."""
+def reduce_epoch(sums: dict[str, torch.Tensor], counts: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per-epoch training statistics over all ranks: loss sums averaged, counts (images seen, void batches) summed."""
     if world_size() == 1 or not sums:
-        return sums, seen
-    names = sorted(sums)
+        return sums, counts
+    names, keys = sorted(sums), sorted(counts)
     device = sums[names[0]].device
-    packed = torch.stack([sums[n].float() for n in names] + [torch.tensor(float(seen), device=device)])
+    packed = torch.stack([sums[n].float() for n in names] + [torch.tensor(float(counts[k]), device=device) for k in keys])
     tdist.all_reduce(packed)
-    return {n: packed[i] / world_size() for i, n in enumerate(names)}, int(packed[-1].item())
+    reduced = packed.tolist()
+    return ({n: packed[i] / world_size() for i, n in enumerate(names)},
+            {k: int(reduced[len(names) + i]) for i, k in enumerate(keys)})
 
 
 # --------------------------------------------------------------------------- model

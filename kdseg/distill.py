@@ -20,7 +20,7 @@ from torch import nn
 
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError, one_line
-from kdseg.losses.base import Term
+from kdseg.losses.base import Term, labelled, void_safe
 from kdseg.models import FeatureTaps
 from kdseg.utils import choice
 
@@ -171,7 +171,8 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         logits = self.student(images)
-        losses = {"ce": F.cross_entropy(logits, masks, ignore_index=self.ignore_index)}
+        ce = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+        losses = {"ce": void_safe(ce, labelled(masks, self.ignore_index))}  # an all-void batch: 0, not NaN
         if self.teacher is not None:
             logits_t = self.run_teacher(images)
             for name, term in self.terms.items():

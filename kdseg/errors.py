@@ -46,6 +46,18 @@ class NonFiniteLossError(KdsegError, FloatingPointError):
     """A loss term became NaN or infinite during training."""
 
 
+class DiskFullError(KdsegError, OSError):
+    """A file could not be written: the disk is full, or a quota or file-size limit was reached."""
+
+
+class DeviceMemoryError(KdsegError, MemoryError):
+    """The accelerator ran out of memory for the configured batch and crop."""
+
+
+class TrainingInterrupted(KdsegError):
+    """Training stopped on a signal (SIGTERM, SIGUSR1) after writing a checkpoint; the same command continues it."""
+
+
 class TrackingError(KdsegError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 

@@ -33,6 +33,7 @@ from kdseg.checkpoint import MODEL_KEYS, load_model, save_checkpoint
 from kdseg.errors import ConfigError, ExportError, reported
 from kdseg.models import count_params
 from kdseg.profile import check_input_size
+from kdseg.utils import not_a_folder_to_be
 
 DEFAULT_SIZE = 512
 MIN_OPSET = 18  # the dynamo exporter's lowest; it silently writes 18 when asked for less
@@ -157,6 +158,9 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     if not values.get("checkpoint"):
         raise ConfigError(f"missing checkpoint=PATH. {USAGE}")
     if "out" in values:
+        problem = not_a_folder_to_be(values["out"])
+        if problem is not None:
+            raise ConfigError(f"out='{values['out']}' {problem}: expected a folder for the exported files (created if missing)")
         values["out_dir"] = values.pop("out")
     return values
 

@@ -89,7 +89,9 @@ def plan_for(cfg: DictConfig, config: dict[str, Any] | None = None) -> Plan:
     if dist.is_main():
         write_config(cfg, plan.out_dir)
         if plan.resuming:
-            print(f"resuming {plan.out_dir} after epoch {plan.checkpoint['epoch']} ({plan.checkpoint_path.name})", flush=True)
+            position = plan.checkpoint.get("position")
+            where = f"step {position['steps']} of epoch {position['epoch']}" if position else f"epoch {plan.checkpoint['epoch']}"
+            print(f"resuming {plan.out_dir} after {where} ({plan.checkpoint_path.name})", flush=True)
     return plan
 
 

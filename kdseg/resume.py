@@ -1,7 +1,8 @@
 """Resuming interrupted runs: which run folder and checkpoint to continue (the RNG state is :mod:`kdseg.runtime`'s).
 
 A run folder holds ``run.json`` (``run_uid``, config ``fingerprint``, ``status``: running,
-failed or finished, and the MLflow run id) next to its checkpoints. ``last.pt`` is written
+failed, interrupted (by SIGTERM / SIGUSR1, after a checkpoint of its position) or finished,
+and the MLflow run id) next to its checkpoints. ``last.pt`` is written
 after every epoch; the one it replaces is kept as ``last.prev.pt``, so a damaged ``last.pt``
 still leaves a good checkpoint one epoch older.
 
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdseg import dist
 from kdseg.checkpoint import load_checkpoint, previous_path
-from kdseg.errors import CheckpointError, ResumeError
+from kdseg.errors import CheckpointError, ResumeError, TrainingInterrupted
 from kdseg.utils import digest, flatten
 
 RUN_FILE = "run.json"
@@ -135,11 +136,16 @@ class Plan:
             _write_json(index_file(cache_dir, self.fingerprint), {"output_dir": str(self.out_dir.resolve())})
 
     def finish(self, status: str = "finished") -> None:
-        update_run(self.out_dir, status=status)
+        """Record how the run ended; on a full disk only a warning (the run's own error is what counts)."""
+        try:
+            update_run(self.out_dir, status=status)
+        except OSError as err:
+            print(f"warning: could not mark {self.out_dir / RUN_FILE} {status} ({err.strerror or err})", flush=True)
 
     @contextmanager
     def active(self, task: str, cache_dir: str | os.PathLike | None = None) -> Iterator[None]:
-        """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, or ``failed`` if the body raises."""
+        """``start`` ... ``finish`` holding the folder's run lock; the status ends ``finished``, ``interrupted``
+        if the body stops on a signal (:class:`TrainingInterrupted`), or ``failed`` if it raises anything else."""
         if not dist.is_main():  # DDP: rank 0 holds the lock and writes run.json for all ranks
             yield
             return
@@ -151,6 +157,9 @@ class Plan:
             self.start(task, cache_dir)
             try:
                 yield
+            except TrainingInterrupted:
+                self.finish("interrupted")
+                raise
             except BaseException:
                 self.finish("failed")
                 raise
@@ -219,7 +228,8 @@ def plan_run(
             raise ResumeError(f"trainer.resume='{mode}': no such checkpoint or run folder")
         found = load_resumable(_candidates(path), say=say)
         if found is None:
-            raise ResumeError(f"trainer.resume='{mode}': no checkpoint there")
+            raise ResumeError(f"trainer.resume='{mode}' is a folder without {LAST} or {previous_path(LAST).name}: "
+                              f"expected a checkpoint file or a run folder holding {LAST}")
         ckpt, used = found
         changed = changed_keys(ckpt.get("config", {}), config)
         if changed:

@@ -26,7 +26,7 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from kdseg.errors import TrackingError, one_line, reported
+from kdseg.errors import TrackingError, TrainingInterrupted, one_line, reported
 from kdseg.utils import flatten
 
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -174,9 +174,12 @@ class Tracker:
     def _keep(self, op: dict, err: Exception | None) -> None:
         self.pending.append(op)
         if self.pending_file is not None:
-            self.pending_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.pending_file, "a") as f:
-                f.write(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n")
+            try:
+                self.pending_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.pending_file, "a") as f:
+                    f.write(json.dumps(op | {"tracking_uri": self.tracking_uri}) + "\n")
+            except OSError as write_err:  # a full disk: kept in memory only
+                print(f"warning: {self.pending_file} not written ({write_err.strerror or write_err})", flush=True)
         if err is not None:
             where = f"kept in {self.pending_file}" if self.pending_file else "kept in memory"
             print(f"warning: MLflow is unreachable ({one_line(err)[:WARNING_CHARS]}); {op['op']} {where}, sent when it is back", flush=True)
@@ -261,10 +264,14 @@ class Tracker:
         run_id: str | None = None,
         run_dir: str | os.PathLike | None = None,
     ) -> Iterator[str | None]:
-        """``start`` ... ``end``: the run ends FINISHED, or FAILED if the body raises."""
+        """``start`` ... ``end``: the run ends FINISHED, KILLED if the body stops on a signal
+        (:class:`TrainingInterrupted`), or FAILED if it raises anything else."""
         run_id = self.start(run_name, params, tags, run_id, run_dir)
         try:
             yield run_id
+        except TrainingInterrupted:
+            self.end("KILLED")
+            raise
         except BaseException:
             self.end("FAILED")
             raise

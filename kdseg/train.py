@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,20 @@ from tqdm import tqdm
 from kdseg import dist
 from kdseg.checkpoint import check_model, load_weights, save_checkpoint
 from kdseg.data.classes import IGNORE_INDEX, VOC_CLASSES
-from kdseg.errors import CheckpointError, NonFiniteLossError
+from kdseg.errors import CheckpointError, DeviceMemoryError, NonFiniteLossError, TrainingInterrupted
 from kdseg.inference import EvalSettings, eval_settings, predict
-from kdseg.losses.base import Progress, Term
+from kdseg.losses.base import Progress, Term, labelled
 from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.runtime import amp_policy, auto_flag, resolve_device, rng_state, set_rng_state
 
 NONFINITE_CHECK_EVERY = 10
 """Iterations between checks for a NaN / inf loss (each check is one device sync)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that stop training cleanly: what SLURM sends on ``scancel`` / pre-emption and, with
+``#SBATCH --signal``, before the time limit."""
+STOP_CHECK_EVERY_DDP = NONFINITE_CHECK_EVERY
+"""Under DDP, iterations between the collective that lets every rank agree to stop on a signal."""
 
 
 class PolyLR(LambdaLR):
@@ -166,6 +173,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.student = model.student
         self.terms: nn.Module | None = getattr(model, "terms", None)  # learned parts of loss terms (adapters)
+        self.ignore_index: int = getattr(model, "ignore_index", IGNORE_INDEX)
         self.amp_dtype, use_scaler = amp_policy(cfg.amp, self.device)
         channels_last = auto_flag(cfg.channels_last, self.device)
         if channels_last:
@@ -196,6 +204,43 @@ class Trainer:
         self.last_result: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
         self.guard = NonFiniteGuard()
+        self.stop_signal: str | None = None
+        self.position: dict | None = None  # where a checkpoint written mid-epoch stopped (see save_position)
+        self.loader_generator: torch.Generator | None = getattr(train_loader, "generator", None)
+
+    @contextmanager
+    def stop_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGUSR1 only set ``stop_signal``: the loop finishes its step,
+        writes a checkpoint of its position and raises :class:`TrainingInterrupted` (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum: int, _frame: object) -> None:
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop_requested(self, every: int = 1) -> bool:
+        """Whether a stop signal arrived (under DDP: on any rank, asked every ``every`` iterations so all ranks agree)."""
+        if dist.world_size() == 1:
+            return self.stop_signal is not None
+        if self.iteration % every:
+            return False
+        return not dist.all_true(self.stop_signal is None)
+
+    def interrupted(self, epoch: int, steps: int, checkpoint: Path) -> TrainingInterrupted:
+        """The one-line error a stop signal ends training with: where it stopped and how to go on."""
+        where = f"after step {steps} of epoch {epoch}" if steps else f"after epoch {epoch}"
+        return TrainingInterrupted(
+            f"stopped by {self.stop_signal or 'a signal on another DDP process'} {where} (iteration {self.iteration}); "
+            f"'{checkpoint}' holds this position: run the same command again to continue from it"
+        )
 
     def restore(self, ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
         """Continue from a checkpoint written by :meth:`save`: the run goes on as if never stopped."""
@@ -218,23 +263,66 @@ class Trainer:
         self.last_result = ckpt["metrics"] or None
         ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
         same_world = len(ranks) == dist.world_size()  # else (world size changed) rank 0's states
-        set_rng_state(ranks[dist.rank()] if same_world else ckpt["rng"], self.train_loader.generator)
+        mine = dist.rank() if same_world else 0
+        set_rng_state(ranks[mine], self.train_loader.generator)
+        if ckpt.get("position"):
+            position = ckpt["position"]
+            self.position = {key: position[key] for key in ("epoch", "steps", "seen", "skipped", "void")}
+            self.position |= {"sums": position["sums"][mine], "loader": position["loader"][mine], "rng": ranks[mine]}
+
+    def resume_position(self, epoch: int, batches: Iterator) -> dict | None:
+        """Continue epoch ``epoch`` where a mid-epoch checkpoint stopped; returns its counters
+        (``steps``, ``sums``, ``seen``, ``skipped``, ``void``), or None (the epoch starts afresh).
+
+        ``batches`` (the epoch's loader iterator, not yet started, its generator already set back to
+        the epoch's start) skips the batches already trained on: they are loaded again and dropped
+        (their augmentations draw what they drew); then every RNG is set to its state at the stop,
+        so the rest of the epoch is bit-identical to an uninterrupted run.
+        """
+        position, self.position = self.position, None
+        if position is None or position["epoch"] != epoch:
+            return None
+        for _ in range(position["steps"]):
+            next(batches)
+        set_rng_state(position["rng"], self.loader_generator)
+        return position | {"sums": {name: value.to(self.device) for name, value in position["sums"].items()}}
 
     def fit(self) -> dict[str, Any]:
-        """Train for the budget; returns the final and best metrics and the checkpoint paths."""
+        """Train for the budget; returns the final and best metrics and the checkpoint paths.
+
+        SIGTERM / SIGUSR1 stop it cleanly (:meth:`stop_signals`): after the current step a checkpoint
+        of the position within the epoch is written, from which :meth:`restore` continues bit-exactly.
+        """
+        with self.stop_signals():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         reset_peak_memory(self.device)  # memory/peak_mib: this run's peak (CUDA allocated or resident set)
         for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
             dist.set_epoch(self.train_loader, epoch)
-            t0, seen, steps, skipped = time.perf_counter(), 0, 0, 0
+            t0, seen, steps, skipped, void = time.perf_counter(), 0, 0, 0, 0
             sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not cfg.progress)
-            for images, masks in bar:
+            batches = iter(bar)
+            resuming = self.position is not None and self.position["epoch"] == epoch
+            if resuming and self.loader_generator is not None:
+                self.loader_generator.set_state(self.position["loader"])
+            # the generator before the epoch's loader draws from it: a mid-epoch checkpoint rebuilds the epoch from it
+            loader_start = self.loader_generator.get_state() if self.loader_generator is not None else None
+            resumed = self.resume_position(epoch, batches)
+            if resumed is not None:
+                steps, sums, seen, skipped, void = (resumed[key] for key in ("steps", "sums", "seen", "skipped", "void"))
+            for images, masks in batches:
                 if self.iteration >= self.max_iters:
                     break
                 self.tell_progress(epoch)
-                loss, parts, step_skipped = self.train_step(images, masks)
+                void += not labelled(masks, self.ignore_index)  # on the loader's CPU tensor: no device sync
+                try:
+                    loss, parts, step_skipped = self.train_step(images, masks)
+                except torch.cuda.OutOfMemoryError:
+                    raise DeviceMemoryError(self.out_of_memory_note(images)) from None
                 skipped += step_skipped
                 self.guard.add(self.iteration, loss, parts)
                 if self.iteration % NONFINITE_CHECK_EVERY == 0:
@@ -245,14 +333,20 @@ class Trainer:
                     sums[name] = sums.get(name, 0.0) + value.float()
                 if cfg.progress and self.iteration % 10 == 0:
                     bar.set_postfix({k: f"{v.item():.3g}" for k, v in parts.items()})
+                if self.stop_requested(STOP_CHECK_EVERY_DDP) and self.iteration < self.max_iters:
+                    self.guard.check(self.stop_note())  # nothing non-finite is saved
+                    path = self.save_position(epoch, steps, sums, seen, skipped, void, loader_start)
+                    raise self.interrupted(epoch, steps, path)
             self.guard.check(self.stop_note())
             elapsed = time.perf_counter() - t0
-            sums, seen = dist.reduce_epoch(sums, seen)
+            sums, counts = dist.reduce_epoch(sums, {"seen": seen, "void": void})
+            seen = counts["seen"]
             metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
             metrics |= {
                 "train/lr": self.optimizer.param_groups[0]["lr"],
                 "time/epoch_s": elapsed,
                 "throughput/img_s": seen / elapsed if elapsed > 0 else 0.0,
+                "train/void_batches": counts["void"],  # batches without a labelled pixel: CE (and masked terms) 0
             }
             if self.scaler.is_enabled():
                 metrics["train/amp_skipped_steps"] = skipped
@@ -274,6 +368,8 @@ class Trainer:
                 self.save("best.pt", epoch)
             self.save("last.pt", epoch, keep_previous=True)
             self.log(metrics, epoch)
+            if epoch < self.epochs and self.stop_requested():
+                raise self.interrupted(epoch, 0, self.out_dir / "last.pt")
         final = self.history[-1]
         return {
             "final_miou": final["val/miou"],
@@ -319,16 +415,45 @@ class Trainer:
         self.iteration += 1
         return loss.detach(), parts, skipped
 
+    def out_of_memory_note(self, images: torch.Tensor) -> str:
+        """One line for a CUDA out-of-memory error in a training step: the batch, the crop, the switches that lower memory."""
+        amp = "off" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        channels_last = str(self.memory_format == torch.channels_last).lower()
+        h, w = images.shape[-2:]
+        return (
+            f"CUDA out of memory in training step {self.iteration + 1} on {self.device} with a per-process batch of "
+            f"{images.shape[0]} images (trainer.batch_size={self.cfg.batch_size}) of {h}x{w} (dataset.crop_size); lower it "
+            f"with trainer.amp=bf16 (now {amp}), trainer.channels_last=true (now {channels_last}), or a smaller "
+            "trainer.batch_size with the same global batch over more processes (torchrun --nproc_per_node=N)"
+            f"{self.stop_note()}"
+        )
+
     def stop_note(self) -> str:
         """Where a run stopped by a bad loss can be picked up again."""
         if self.history:
             return f"; the last good checkpoint is '{self.out_dir / 'last.pt'}' (epoch {len(self.history)})"
         return "; no checkpoint was written before it"
 
-    def save(self, name: str, epoch: int, keep_previous: bool = False) -> Path:
+    def save_position(
+        self, epoch: int, steps: int, sums: dict[str, torch.Tensor], seen: int, skipped: int, void: int, loader_start: Any
+    ) -> Path:
+        """``last.pt`` after step ``steps`` of epoch ``epoch``: the state :meth:`resume_position` continues from.
+
+        Besides the usual training state (its ``epoch`` is the last finished one) it holds the
+        epoch's counters so far and each rank's loader generator state at the epoch's start.
+        """
+        position = {
+            "epoch": epoch, "steps": steps, "seen": seen, "skipped": skipped, "void": void,
+            "sums": dist.gather_objects({name: value.cpu() for name, value in sums.items()}),
+            "loader": dist.gather_objects(loader_start),
+        }
+        return self.save("last.pt", epoch - 1, keep_previous=True, position=position)
+
+    def save(self, name: str, epoch: int, keep_previous: bool = False, **extra: Any) -> Path:
         """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue (rank 0 only).
 
         Under DDP it holds every rank's RNG states (``rng_ranks``), so each rank resumes its own streams.
+        ``extra``: more content (a mid-epoch checkpoint's ``position``).
         """
         rngs = dist.gather_objects(rng_state(self.train_loader.generator))
         if not dist.is_main():
@@ -352,4 +477,5 @@ class Trainer:
             rng=rngs[0],
             rng_ranks=rngs,
             **self.run_info,
+            **extra,
         )

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from enum import Enum
+from pathlib import Path
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=Enum)
@@ -30,6 +32,30 @@ def choice(options: type[E], value: Any, key: str) -> E:
         return options(value)
     except ValueError:
         raise ValueError(f"{key} must be one of {', '.join(str(m.value) for m in options)}, got '{value}'") from None
+
+
+def not_a_folder(path: str | os.PathLike) -> str:
+    """Why ``path`` is not a folder, for a message: ``does not exist`` or ``is a file, not a folder``."""
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"
+
+
+def not_a_file(path: str | os.PathLike) -> str:
+    """Why ``path`` is not a regular file, for a message: ``does not exist`` or ``is a folder, not a file``."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "is not a regular file" if path.exists() else "does not exist"
+
+
+def not_a_folder_to_be(path: str | os.PathLike) -> str | None:
+    """Why ``mkdir -p path`` cannot give a folder, for a message (``is a file``, ``lies under the file '...'``);
+    None when ``path`` is a folder or can be created as one."""
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return None
+            return "is a file" if candidate == Path(path) else f"lies under the file '{candidate}'"
+    return None
 
 
 def digest(content: Any, chars: int) -> str:

@@ -18,6 +18,7 @@ from kdseg.data.transforms import train_transforms, val_transforms
 from kdseg.data.voc import LAYOUT_HINT, read_split
 from kdseg.errors import ConfigError, DataError, MissingDataError
 from kdseg.models import INPUT_MULTIPLE
+from kdseg.utils import not_a_folder
 
 
 def dataset_root(cfg: DictConfig) -> Path:
@@ -41,7 +42,7 @@ def split_samples(cfg: DictConfig, root: Path, split: str) -> tuple[list[tuple[P
         layout, folder = LAYOUTS[cfg.name], cfg[f"{split}_split"]
         return list_pairs(root, cfg.name, folder), f"'{layout.folders(root, folder)[0]}'", layout.label_map()
     if not root.is_dir():
-        raise MissingDataError(f"dataset.root '{root}' does not exist (expected {LAYOUT_HINT})")
+        raise MissingDataError(f"dataset.root '{root}' {not_a_folder(root)} (expected {LAYOUT_HINT})")
     list_file, mask_dir = (cfg.train_list, cfg.mask_dir) if split == "train" else (cfg.val_list, cfg.val_mask_dir)
     return read_split(root, list_file, cfg.image_dir, mask_dir), f"'{root / list_file}'", None
 

@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from kdseg.data import dataset_root, split_samples
 from kdseg.data.check import scan
 from kdseg.errors import ConfigError, DataError, MissingDataError, one_line, reported
+from kdseg.utils import not_a_folder
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds = cfg.dataset
         root = dataset_root(ds)
         if not root.is_dir():
-            raise MissingDataError(f"dataset.root '{root}' does not exist")
+            raise MissingDataError(f"dataset.root '{root}' {not_a_folder(root)} (expected the dataset's folder)")
         total = 0
         for split in ("train", "val"):
             try:

@@ -16,6 +16,7 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import SegmentationDataset
 from kdseg.data.labels import LabelMap, ade20k_label_map, cityscapes_label_map
 from kdseg.errors import MissingDataError
+from kdseg.utils import not_a_folder
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,11 @@ def list_pairs(root: str | os.PathLike, name: str, split: str) -> list[tuple[Pat
     """(image, mask) paths of a split, sorted by name; raises naming the folder when it is missing or empty."""
     layout, root = LAYOUTS[name], Path(root)
     if not root.is_dir():
-        raise MissingDataError(f"dataset.root '{root}' does not exist (expected {layout.hint})")
+        raise MissingDataError(f"dataset.root '{root}' {not_a_folder(root)} (expected {layout.hint})")
     folders = layout.folders(root, split)
     for folder in folders:
         if not folder.is_dir():
-            raise MissingDataError(f"split folder '{folder}' does not exist (dataset.root='{root}' should be {layout.hint})")
+            raise MissingDataError(f"split folder '{folder}' {not_a_folder(folder)} (dataset.root='{root}' should be {layout.hint})")
     pattern = "*/*" if layout.nested else "*"
     stems: set[str] = set()
     for folder, suffix in zip(folders, (layout.image_suffix, layout.mask_suffix)):

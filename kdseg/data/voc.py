@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kdseg.data.dataset import SegmentationDataset
 from kdseg.errors import DataError, MissingDataError
+from kdseg.utils import not_a_folder
 
 LAYOUT_HINT = "a VOC2012-style folder holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/"
 
@@ -54,6 +55,6 @@ class VOCSegmentation(SegmentationDataset):
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise MissingDataError(f"dataset.root '{self.root}' does not exist (expected {LAYOUT_HINT})")
+            raise MissingDataError(f"dataset.root '{self.root}' {not_a_folder(self.root)} (expected {LAYOUT_HINT})")
         samples = read_split(self.root, list_file, image_dir, mask_dir)
         super().__init__(samples, f"'{self.root / list_file}'", transforms, num_classes, on_bad_sample)

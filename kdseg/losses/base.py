@@ -14,6 +14,11 @@ it returns ``weight * term.loss(...)``. A term with learned parts (an adapter) b
 :meth:`Term.setup`, which gets the shapes both networks give at the tap before training;
 their parameters are trained with the student and saved with its checkpoint.
 
+A batch may hold no labelled pixel at all (a crop of ADE20K or Cityscapes that is all void).
+A term that averages over labelled pixels must then give 0 with zero gradient, not NaN:
+:func:`masked_mean` is such a mean, and :func:`void_safe` replaces a loss already computed
+by 0 where nothing is labelled (both without a device sync; see their caveats).
+
 A term whose loss depends on how far training has come (a weight schedule) reads
 ``self.progress`` (:class:`Progress`): the Trainer calls :meth:`Term.set_progress` before every
 training step with the epoch and iteration it restores on resume, so a resumed run sees the
@@ -118,3 +123,28 @@ def labels_at(masks: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
     return F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def labelled(masks: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """A 0-d boolean tensor: whether the batch has at least one labelled (non-void) pixel (no device sync)."""
+    return (masks != ignore_index).any()
+
+
+def void_safe(loss: Tensor, has_labels: Tensor) -> Tensor:
+    """``loss`` where ``has_labels`` (:func:`labelled`), else 0 with zero gradient.
+
+    The value and gradient of ``loss`` pass through unchanged when there are labels (bit for bit).
+    Without labels, ``loss`` itself may be NaN (a mean over nothing): it is replaced by 0 and
+    gets a zero upstream gradient. Only for losses whose backward stays finite with a zero
+    upstream gradient (cross-entropy with ``ignore_index``, a mean over a boolean selection);
+    ``0 / 0`` in the graph would still give NaN gradients: use :func:`masked_mean` for those.
+    """
+    return torch.where(has_labels, loss, 0.0)
+
+
+def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values`` over the entries where ``valid`` (same shape); 0 with zero gradient
+    when no entry is valid. Non-finite values at invalid entries do not leak into the result
+    or the gradient. No device sync (no boolean indexing)."""
+    total = torch.where(valid, values, 0.0).sum()
+    return total / valid.sum().clamp_min(1)

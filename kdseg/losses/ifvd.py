@@ -4,7 +4,8 @@ Labels are nearest-resized to the feature map. Per image, each class present has
 prototype, the mean feature of its pixels; every labelled pixel gets the cosine
 similarity between its feature and its class prototype (a pixel labelled 255 is compared
 with itself, similarity 1, as in the reference). The loss is the mean squared difference of
-the student's and the teacher's similarity maps over all pixels.
+the student's and the teacher's similarity maps over all pixels; a batch without a labelled
+pixel gives exactly 0 with zero gradient (void pixels alone would leave rounding noise).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError
-from kdseg.losses.base import Term, labels_at
+from kdseg.losses.base import Term, labelled, labels_at, void_safe
 
 PROTOTYPE_EPS = 1e-6
 
@@ -32,7 +33,8 @@ def class_similarity(feat: Tensor, labels: Tensor, num_classes: int, ignore_inde
 
 
 def ifvd_loss(feat_s: Tensor, feat_t: Tensor, labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """mean((sim_s - sim_t)^2) of the prototype-similarity maps, in float32; labels are resized to the maps."""
+    """mean((sim_s - sim_t)^2) of the prototype-similarity maps, in float32; labels are resized to the maps.
+    0 (zero gradient) when no pixel is labelled."""
     if feat_s.dim() != 4 or feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]:
         raise ValueError(
             "IFVD loss: student and teacher maps must be B x C x H x W with the same B, H and W; "
@@ -43,7 +45,7 @@ def ifvd_loss(feat_s: Tensor, feat_t: Tensor, labels: Tensor, num_classes: int, 
     with torch.autocast(device_type=feat_s.device.type, enabled=False):
         sim_s = class_similarity(feat_s.to(dtype), labels, num_classes, ignore_index)
         sim_t = class_similarity(feat_t.to(dtype), labels, num_classes, ignore_index)
-        return (sim_s - sim_t).pow(2).mean()
+        return void_safe((sim_s - sim_t).pow(2).mean(), labelled(labels, ignore_index))
 
 
 class IFVDLoss(Term):

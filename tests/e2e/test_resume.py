@@ -6,6 +6,8 @@ exactly its metrics.
 """
 from __future__ import annotations
 
+import os
+import resource
 import signal
 import subprocess
 import sys
@@ -17,8 +19,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import kdseg.tracking
+import kdseg.train
 from kdseg.checkpoint import load_checkpoint, save_checkpoint
-from kdseg.errors import ResumeError
+from kdseg.errors import DiskFullError, ResumeError, TrainingInterrupted
 from kdseg.resume import plan_run, read_run
 from kdseg.tasks import run
 
@@ -89,6 +92,49 @@ def test_resumed_run_matches_uninterrupted_run_in_one_mlflow_run(reference, sess
     assert mrun.info.status == "FINISHED"
     steps = [m.step for m in MlflowClient(f"sqlite:///{session_dir}/mlflow.db").get_metric_history(mrun.info.run_id, "val/miou")]
     assert sorted(steps) == [1, 2, 3]
+
+
+def fill_disk_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, checkpoint: Path, limit: list[int]) -> None:
+    """After epoch ``epoch`` is logged, no file may grow past half of ``checkpoint`` (a full disk for the next one):
+    the soft RLIMIT_FSIZE, with SIGXFSZ ignored so a write fails with EFBIG instead of killing the process."""
+    original = kdseg.tracking.Tracker.log_metrics
+
+    def log_metrics(self, metrics, step):
+        original(self, metrics, step)
+        if step == epoch and "train/loss" in metrics:
+            limit.append(checkpoint.stat().st_size // 2)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit[-1], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    monkeypatch.setattr(kdseg.tracking.Tracker, "log_metrics", log_metrics)
+
+
+@pytest.mark.slow
+def test_full_disk_at_a_checkpoint_fails_the_run_and_a_relaunch_resumes(reference, session_dir, tmp_path, monkeypatch):
+    cfg = job(tmp_path, session_dir, tmp_path / "out", "logger.run_name=resume-full-disk")
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit: list[int] = []
+    try:
+        with monkeypatch.context() as patch:
+            fill_disk_after_epoch(patch, 1, tmp_path / "out" / "last.pt", limit)
+            with pytest.raises(DiskFullError) as err:
+                run(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(err.value)
+    assert limit and "\n" not in message
+    assert message.startswith(f"cannot write checkpoint '{tmp_path / 'out'}/") and "File too large (" in message
+    assert " free there, about " in message and "run the same command again" in message
+    out = tmp_path / "out"
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1  # the previous checkpoint, intact
+    assert not list(out.glob(".*.tmp*"))  # no temporary file left
+    assert read_run(out)["status"] == "failed"
+    (mrun,) = mlflow_runs(session_dir, "resume-full-disk")
+    assert mrun.info.status == "FAILED"
+    assert run(cfg) == reference[0]  # space freed: the same command resumes after epoch 1
+    assert history(out) == reference[1]
+    assert read_run(out)["status"] == "finished"
 
 
 def test_truncated_last_checkpoint_falls_back_to_previous(reference, session_dir, tmp_path, monkeypatch, capsys):
@@ -212,6 +258,71 @@ def test_killed_run_resumes_from_a_new_launch(reference, session_dir, tmp_path):
     assert mrun.info.status == "FINISHED" and mrun.data.metrics["val/miou"] == reference[0]
     client = MlflowClient(f"sqlite:///{session_dir}/mlflow.db")
     assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")) == [1, 2, 3]
+
+
+def test_resume_from_a_folder_without_checkpoints_says_what_it_expected(tmp_path):
+    with pytest.raises(ResumeError, match=rf"^trainer.resume='{tmp_path}' is a folder without last.pt or last.prev.pt: "
+                                          "expected a checkpoint file or a run folder holding last.pt$"):
+        plan_run(str(tmp_path), tmp_path / "out", {"a": 1})
+
+
+def sigterm_at_iteration(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    """SIGTERM to this process during training step ``iteration`` (as SLURM's scancel would send it)."""
+    original = kdseg.train.Trainer.train_step
+
+    def train_step(self, images, masks):
+        if self.iteration + 1 == iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, images, masks)
+
+    monkeypatch.setattr(kdseg.train.Trainer, "train_step", train_step)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_checkpoints_the_position_and_the_same_command_ends_like_an_uninterrupted_run(
+    reference, session_dir, tmp_path, monkeypatch
+):
+    cfg = job(tmp_path, session_dir, tmp_path / "out", "logger.run_name=resume-sigterm")
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        sigterm_at_iteration(patch, 6)  # step 2 of epoch 2 (4 steps an epoch)
+        with pytest.raises(TrainingInterrupted) as err:
+            run(cfg)
+    assert str(err.value) == (f"stopped by SIGTERM after step 2 of epoch 2 (iteration 6); '{out / 'last.pt'}' holds this "
+                              "position: run the same command again to continue from it")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives as long as training
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 6 and ckpt["position"]["steps"] == 2
+    assert load_checkpoint(out / "last.prev.pt")["epoch"] == 1  # the epoch's checkpoint, kept
+    assert read_run(out)["status"] == "interrupted"
+    (mrun,) = mlflow_runs(session_dir, "resume-sigterm")
+    assert mrun.info.status == "KILLED"
+    assert run(cfg) == reference[0]
+    assert history(out) == reference[1]  # train/loss of epoch 2 too: its first two steps' sums were kept
+    assert read_run(out)["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_sigterm_to_run_py_is_one_line_and_the_same_command_resumes(reference, session_dir, tmp_path):
+    """SIGTERM (what scancel and SLURM pre-emption send) after the first epoch's checkpoint: one line, exit code 1,
+    the run marked interrupted; the same command (new Hydra folder) ends with the uninterrupted run's metrics."""
+    first, second = tmp_path / "outputs" / "first", tmp_path / "outputs" / "second"
+    proc = subprocess.Popen(run_py(tmp_path, session_dir, first, "resume-sigterm-cli"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 1800
+    while not (first / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: stopped by SIGTERM after ") and line.endswith("run the same command again to continue from it")
+    assert read_run(first)["status"] == "interrupted"
+    (mrun,) = mlflow_runs(session_dir, "resume-sigterm-cli")
+    assert mrun.info.status == "KILLED"
+    subprocess.run(run_py(tmp_path, session_dir, second, "resume-sigterm-cli"), cwd=tmp_path, check=True,
+                   stdout=subprocess.DEVNULL, timeout=1800)
+    assert history(first) == reference[1] and read_run(first)["status"] == "finished"
 
 
 CIRKD = ["loss=cirkd", "loss.terms.cirkd.pixel_memory_size=64", "loss.terms.cirkd.region_memory_size=8",

@@ -207,3 +207,63 @@ def test_the_schema_is_in_hydras_config_store_and_types_a_composed_config():
     assert set(schema) >= {"task", "seed", "teacher", "student", "dataset", "loss", "trainer", "eval", "logger", "paths", "speed"}
     with pytest.raises(ValidationError, match="batch_size"):
         OmegaConf.merge(schema, {"trainer": {"batch_size": "eight"}})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.batch_size=1"], "config trainer.batch_size=1: a training batch of 1 image per process cannot train"),
+        (["task=teacher", "trainer.batch_size=1"], "config teacher.train.batch_size=1 (from ${trainer.batch_size}): a training"),
+        (["teacher.train.batch_size=1"], "config teacher.train.batch_size=1: a training batch"),  # the cached teacher
+        (["task=distill", "trainer.batch_size=1", "trainer.sync_bn=true"], "config trainer.batch_size=1:"),  # not under DDP
+    ],
+)
+def test_a_training_batch_of_one_is_a_config_error_naming_the_key_reason_and_remedy(make_cfg, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(*overrides))
+    text = str(err.value)
+    assert text.startswith(message) and "ASPP image-pooling branch" in text and "\n" not in text
+    assert "a batch of 2 or more per process" in text
+
+
+def test_a_batch_of_one_is_allowed_where_it_trains(make_cfg, monkeypatch, tmp_path):
+    """Cross-entropy only with a given teacher needs no cached teacher; task=eval does not train;
+    under DDP on CUDA, SyncBatchNorm normalises over the global batch."""
+    validate(make_cfg("teacher.train.batch_size=1", "loss=none"))
+    validate(make_cfg("task=eval", "trainer.batch_size=1"))
+    monkeypatch.setattr("kdseg.dist.launched_distributed", lambda: True)
+    monkeypatch.setattr("kdseg.config.resolve_device", lambda device: torch.device("cuda"))
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"")
+    validate(make_cfg("trainer.batch_size=1", "trainer.sync_bn=true", f"teacher.checkpoint={teacher}"))
+    with pytest.raises(ConfigError, match="trainer.batch_size=1"):
+        validate(make_cfg("trainer.batch_size=1", "trainer.sync_bn=false", f"teacher.checkpoint={teacher}"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["teacher.checkpoint={folder}"], "config teacher.checkpoint='{folder}' is a folder, not a file: expected a checkpoint file (such as last.pt"),
+        (["teacher.checkpoint={missing}"], "config teacher.checkpoint='{missing}' does not exist: expected a checkpoint file"),
+        (["task=eval", "checkpoint={folder}"], "config checkpoint='{folder}' is a folder, not a file: expected a checkpoint file"),
+        (["dataset=voc", "dataset.root={file}"], "config dataset.root='{file}' is a file, not a folder: expected a VOC2012-style folder holding JPEGImages/"),
+        (["dataset=cityscapes", "dataset.root={file}"], "config dataset.root='{file}' is a file, not a folder: expected a Cityscapes folder holding leftImg8bit/"),
+        (["dataset.root={file}"], "config dataset.root='{file}' is a file: expected a folder (kdseg creates it if missing)"),
+        (["paths.cache_dir={file}"], "config paths.cache_dir='{file}' is a file: expected a folder"),
+        (["paths.data_dir={file}/data"], "config paths.data_dir='{file}/data' lies under the file '{file}': expected a folder"),
+        (["paths.output_dir={file}"], "config paths.output_dir='{file}' is a file: expected a folder"),
+    ],
+)
+def test_a_path_of_the_wrong_kind_says_what_it_is_and_what_was_expected(make_cfg, tmp_path, overrides, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    names = {name: tmp_path / name for name in ("folder", "file", "missing")}
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(*(o.format(**names) for o in overrides), smoke=not overrides[0].startswith("dataset=")))
+    assert str(err.value).startswith(message.format(**names)) and "\n" not in str(err.value)
+
+
+def test_paths_of_the_right_kind_pass(make_cfg, tmp_path):
+    """A teacher checkpoint that is a file; folders that exist or can be created."""
+    (tmp_path / "teacher.pt").write_bytes(b"")
+    validate(make_cfg(f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"paths.cache_dir={tmp_path}/new/cache"))

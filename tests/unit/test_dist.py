@@ -41,7 +41,7 @@ def test_one_process_takes_the_distributed_code_path():
     model = nn.Module()
     assert dist.wrap_model(model, torch.device("cpu"), sync_bn=True) is model
     sums = {"loss": torch.tensor(3.0)}
-    assert dist.reduce_epoch(sums, 4) == (sums, 4)
+    assert dist.reduce_epoch(sums, {"seen": 4, "void": 1}) == (sums, {"seen": 4, "void": 1})
     with dist.main_first():
         pass
 

@@ -310,3 +310,27 @@ def test_fitnet_adapter_is_built_from_the_probe_and_trained_with_the_student():
     total.backward()
     opt.step()
     assert parts["fitnet"] > 0 and not torch.equal(conv.weight, before)
+
+
+def test_cross_entropy_is_zero_with_zero_gradient_on_an_all_void_batch():
+    student = _model("resnet18", 0)
+    images, _ = _batch(0)
+    loss, parts, _ = Distiller(student)(images, torch.full((2, 64, 64), 255))
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert loss.item() == 0.0 and parts["ce"].item() == 0.0
+    assert grads and all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+def test_cross_entropy_on_a_labelled_batch_is_bit_identical_to_the_plain_formula():
+    images, masks = _batch(1)
+    student, plain = _model("resnet18", 2), _model("resnet18", 2)
+    torch.manual_seed(3)  # the same ASPP dropout draws in both passes
+    loss, parts, _ = Distiller(student)(images, masks)
+    loss.backward()
+    torch.manual_seed(3)
+    expected = F.cross_entropy(plain(images), masks, ignore_index=255)
+    expected.backward()
+    assert torch.equal(loss, expected) and torch.equal(parts["ce"], expected.detach())
+    for (name, p), q in zip(student.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name

@@ -175,3 +175,12 @@ def test_a_nan_difference_is_not_hidden(tmp_path):
                       external_data=False, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
     assert kexport.max_abs_diff(onnx_path, torch.nn.Identity(), 8, 8) == 0.0
     assert np.isnan(kexport.max_abs_diff(onnx_path, NanAt3(), 8, 8))
+
+
+def test_out_that_is_a_file_is_one_error_line_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=rf"^out='{tmp_path}/file' is a file: expected a folder for the exported files"):
+        kexport.parse_args(["checkpoint=x.pt", f"out={tmp_path}/file"])
+    with pytest.raises(ConfigError, match=rf"^out='{tmp_path}/file/onnx' lies under the file '{tmp_path}/file'"):
+        kexport.parse_args(["checkpoint=x.pt", f"out={tmp_path}/file/onnx"])
+    assert kexport.parse_args(["checkpoint=x.pt", f"out={tmp_path}/new"])["out_dir"] == f"{tmp_path}/new"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -367,3 +369,37 @@ def test_zero_init_residual_starts_every_block_as_identity():
     plain = build_model("resnet18", classes=21)
     assert all(torch.all(m.bn2.weight == 1) for m in plain.encoder.modules() if isinstance(m, BasicBlock))
     assert zero_init_residual_(build_model("resnet101", classes=21).encoder) == 33
+
+
+def test_a_folder_given_as_checkpoint_says_it_is_a_folder_and_names_the_checkpoints_in_it(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", state_dict={}, model={})
+    save_checkpoint(tmp_path / "best.pt", state_dict={}, model={})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value) == (f"checkpoint '{tmp_path}' is a folder, not a file (expected a checkpoint file, "
+                              f"e.g. '{tmp_path}/best.pt' of best.pt, last.pt there)")
+    assert not isinstance(err.value, FileNotFoundError)
+
+
+FULL_DISK = """
+import resource, signal, sys, torch
+from kdseg.checkpoint import save_checkpoint
+from kdseg.errors import reported
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+path = sys.argv[1]
+save_checkpoint(path, state_dict={"w": torch.ones(10)}, model={})
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+with reported():
+    save_checkpoint(path, keep_previous=True, state_dict={"w": torch.zeros(100_000)}, model={})
+"""
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint(tmp_path):
+    """A 100 kB file-size limit (RLIMIT_FSIZE) makes the second, 400 kB checkpoint's write fail."""
+    path = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith(f"error: cannot write checkpoint '{path}': File too large (") and proc.stderr.count("\n") == 1
+    assert "free there, about 97.7 KiB needed); the previous" in proc.stderr and "run the same command again" in proc.stderr
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(10))  # intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file, nothing moved to last.prev.pt

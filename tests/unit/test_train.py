@@ -1,6 +1,9 @@
 """The training loop (kdseg.train): the NaN / inf guard, fp16 skipped steps, and a distillation step on CUDA."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdseg.distill import Distiller
-from kdseg.errors import NonFiniteLossError
+from kdseg.checkpoint import load_checkpoint
+from kdseg.errors import DeviceMemoryError, NonFiniteLossError, TrainingInterrupted
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
 from kdseg.models import build_model
 from kdseg.train import NonFiniteGuard, Trainer, evaluate
@@ -89,3 +93,122 @@ def test_distillation_step_and_evaluation_on_cuda_with_amp_auto(make_cfg, tmp_pa
         assert torch.equal(value.cpu(), frozen[name]), name
     result = evaluate(trainer.student, batches, 21, device, trainer.amp_dtype)
     assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["pixel_acc"] <= 1.0
+
+
+def test_all_void_batches_are_counted_and_training_goes_on(make_cfg, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 8, 8, generator=generator)
+    masks = torch.randint(0, 21, (8, 8, 8), generator=generator)
+    masks[:2] = 255  # the first batch (in order) has no labelled pixel
+    train = DataLoader(TensorDataset(images, masks), batch_size=2)
+    val = DataLoader(TensorDataset(images[2:4], masks[2:4]), batch_size=2)
+    cfg = make_cfg("trainer.max_iters=null", "trainer.amp=off", "trainer.channels_last=false").trainer
+    logged = []
+    model = Distiller(nn.Conv2d(3, 21, 1))
+    trainer = Trainer(model, train, val, cfg=cfg, epochs=2, num_classes=21, out_dir=tmp_path, model_config={},
+                      log=lambda metrics, step: logged.append(metrics), device=torch.device("cpu"))
+    trainer.fit()
+    assert [m["train/void_batches"] for m in logged] == [1, 1] and trainer.iteration == 8
+    assert all(torch.isfinite(torch.tensor(m["train/loss_ce"])) for m in logged)
+
+
+def test_cuda_out_of_memory_in_a_step_is_one_line_with_batch_crop_switches_and_checkpoint(make_cfg, tmp_path, monkeypatch):
+    images, masks = torch.randn(6, 3, 16, 16), torch.randint(0, 21, (6, 16, 16))
+    train = DataLoader(TensorDataset(images, masks), batch_size=3)
+    cfg = make_cfg("trainer.max_iters=null", "trainer.amp=off", "trainer.channels_last=false", "trainer.batch_size=3").trainer
+    trainer = Trainer(Distiller(nn.Conv2d(3, 21, 1)), train, train, cfg=cfg, epochs=2, num_classes=21, out_dir=tmp_path,
+                      model_config={}, device=torch.device("cpu"))
+    step = trainer.train_step
+
+    def out_of_memory_in_epoch_2(images, masks):
+        if trainer.iteration == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(images, masks)
+
+    monkeypatch.setattr(trainer, "train_step", out_of_memory_in_epoch_2)
+    with pytest.raises(DeviceMemoryError) as err:
+        trainer.fit()
+    assert str(err.value) == (
+        "CUDA out of memory in training step 3 on cpu with a per-process batch of 3 images (trainer.batch_size=3) of 16x16 "
+        "(dataset.crop_size); lower it with trainer.amp=bf16 (now off), trainer.channels_last=true (now false), or a smaller "
+        "trainer.batch_size with the same global batch over more processes (torchrun --nproc_per_node=N); "
+        f"the last good checkpoint is '{tmp_path / 'last.pt'}' (epoch 1)"
+    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+class Flipped(TensorDataset):
+    """Random horizontal flips drawn from the global RNG in the loading process (as the real transforms draw)."""
+
+    def __getitem__(self, index):
+        image, mask = super().__getitem__(index)
+        return (image.flip(-1), mask.flip(-1)) if torch.rand(()) < 0.5 else (image, mask)
+
+
+def _signal_trainer(make_cfg, out_dir, num_workers: int = 0) -> Trainer:
+    generator = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(12, 3, 8, 8, generator=generator), torch.randint(0, 21, (12, 8, 8), generator=generator)
+    loader = DataLoader(Flipped(images, masks), batch_size=2, shuffle=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(1))
+    val = DataLoader(TensorDataset(images[:4], masks[:4]), batch_size=2)
+    cfg = make_cfg("trainer.max_iters=null", "trainer.amp=off", "trainer.channels_last=false").trainer
+    torch.manual_seed(2)
+    student = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Dropout2d(0.5), nn.Conv2d(8, 21, 1))  # dropout draws from the RNG too
+    return Trainer(Distiller(student), loader, val, cfg=cfg, epochs=2, num_classes=21, out_dir=out_dir,
+                   model_config={"encoder_name": "toy", "classes": 21, "output_stride": 16}, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "stop, workers",
+    [(signal.SIGTERM, 0), pytest.param(signal.SIGUSR1, 1, marks=pytest.mark.slow)],  # a worker process: slow to start
+    ids=["SIGTERM", "SIGUSR1-worker"],
+)
+def test_a_stop_signal_mid_epoch_checkpoints_the_position_and_resuming_from_it_is_bit_exact(
+    make_cfg, tmp_path, monkeypatch, stop, workers
+):
+    """6 steps an epoch; the signal arrives in step 9 (step 3 of epoch 2). The resumed trainer re-reads the
+    epoch's first 3 batches (in this process, or in a worker seeded from the loader's generator) and ends
+    with the uninterrupted run's weights and per-epoch metrics."""
+    torch.manual_seed(3)
+    reference = _signal_trainer(make_cfg, tmp_path / "reference", workers)
+    reference.fit()
+    torch.manual_seed(3)
+    stopped = _signal_trainer(make_cfg, tmp_path / "run", workers)
+    step = stopped.train_step
+
+    def signalled_step(images, masks):
+        if stopped.iteration == 8:
+            os.kill(os.getpid(), stop)  # delivered now; the step still finishes
+        return step(images, masks)
+
+    monkeypatch.setattr(stopped, "train_step", signalled_step)
+    with pytest.raises(TrainingInterrupted, match=rf"^stopped by {stop.name} after step 3 of epoch 2 \(iteration 9\);"):
+        stopped.fit()
+    assert signal.getsignal(stop) is signal.SIG_DFL
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["position"]["steps"] == 3 and ckpt["iteration"] == 9 and len(ckpt["history"]) == 1
+    torch.manual_seed(4)  # whatever the new process's RNG: the checkpoint decides
+    resumed = _signal_trainer(make_cfg, tmp_path / "run", workers)
+    resumed.restore(ckpt)
+    resumed.fit()
+    for (name, value), expected in zip(resumed.student.state_dict().items(), reference.student.state_dict().values()):
+        assert torch.equal(value, expected), name
+    drop = ("time/epoch_s", "throughput/img_s", "memory/peak_mib")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in resumed.history] == [
+        {k: v for k, v in m.items() if k not in drop} for m in reference.history
+    ]
+
+
+def test_a_stop_signal_between_epochs_keeps_the_epoch_checkpoint(make_cfg, tmp_path, monkeypatch):
+    trainer = _signal_trainer(make_cfg, tmp_path)
+    log = trainer.log
+
+    def signal_after_epoch_1(metrics, step):
+        log(metrics, step)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.log = signal_after_epoch_1
+    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM after epoch 1 \(iteration 6\);"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 1 and "position" not in ckpt

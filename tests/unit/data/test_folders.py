@@ -209,6 +209,10 @@ def test_missing_root_names_it_and_the_layout(written, make_cfg, tmp_path: Path)
     hint = "a Cityscapes folder holding leftImg8bit/" if written.name == "cityscapes" else "the ADEChallengeData2016 folder holding images/"
     with pytest.raises(MissingDataError, match=f"dataset.root '{re.escape(str(absent))}' does not exist \\(expected {hint}"):
         build_datasets(dataset_cfg(make_cfg, Written(written.name, absent, {})).dataset)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(MissingDataError, match=f"dataset.root '{re.escape(str(a_file))}' is a file, not a folder \\(expected {hint}"):
+        build_datasets(dataset_cfg(make_cfg, Written(written.name, a_file, {})).dataset)
 
 
 def test_check_lists_every_problem(written, tmp_path: Path, capsys, monkeypatch) -> None:
