@@ -6,6 +6,7 @@ trains a teacher as a job of its own.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import OnBadSample
 from kdseg.distill import Distiller, active_terms, term_label
 from kdseg.errors import KdsegError
+from kdseg.models import INPUT_MULTIPLE, input_multiple, model_name
 from kdseg.profile import model_stats, stats_metrics
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import auto_flag, seed_everything
@@ -95,7 +97,7 @@ def tags_for(cfg: DictConfig, task: str, student: str | None) -> dict[str, str]:
     return {
         "task": task,
         "student": student or "-",
-        "teacher": cfg.teacher.model.encoder_name,
+        "teacher": cfg.teacher.get("pretrained") or model_name(cfg.teacher.model),
         "loss": term_label(terms) if task == "distill" else "ce",
         "dataset": cfg.dataset.name,
         "seed": str(cfg.seed),
@@ -121,9 +123,11 @@ def fit(
     """Build seeded loaders and a Trainer (``trainer_cfg``: the student's ``trainer`` or a teacher's
     settings), train (or resume) for ``epochs``, and log the run's checkpoints."""
     seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
+    networks = (model.student, model.teacher) if model.teacher is not None else (model.student,)
     train_loader, val_loader = build_loaders(
         *datasets, trainer_cfg.batch_size, trainer_cfg.num_workers, seed,
         pin_memory=auto_flag(trainer_cfg.pin_memory, device), persistent_workers=trainer_cfg.persistent_workers,
+        stride=math.lcm(INPUT_MULTIPLE, *(input_multiple(net) for net in networks)),  # val images fit both networks
     )
     run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "config": plan.config, "mlflow_run_id": tracker.run_id}
     trainer = Trainer(

@@ -1,6 +1,7 @@
 """``task=eval``: evaluate ``checkpoint`` (default: the cached teacher) on the val split."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import dataset_classes
 from kdseg.inference import eval_settings
 from kdseg.job import tags_for, write_config
+from kdseg.models import INPUT_MULTIPLE, input_multiple
 from kdseg.teacher import cache_path
 from kdseg.tracking import Tracker, run_params
 from kdseg.train import epoch_metrics, evaluate
@@ -23,7 +25,8 @@ def run_eval(cfg: DictConfig, tracker: Tracker, device: torch.device) -> float:
     path = Path(cfg.checkpoint) if cfg.checkpoint else cache_path(cfg)
     model, _ = load_model(path, {"classes": cfg.dataset.num_classes})
     _, val_set = build_datasets(cfg.dataset)
-    _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed)
+    _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed,
+                                  stride=math.lcm(INPUT_MULTIPLE, input_multiple(model)))
     settings = eval_settings(cfg.eval)
     with tracker.run(cfg.logger.run_name or f"eval-{path.stem}", run_params(cfg, dist.world_size()) | {"checkpoint": str(path)}, tags_for(cfg, "eval", None)):
         result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress, eval_cfg=settings)
