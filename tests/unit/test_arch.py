@@ -268,3 +268,16 @@ def test_unreachable_hub_id_is_one_line(monkeypatch):
     msg = str(err.value)
     assert msg.startswith("config teacher.pretrained='kdseg-tests/no-such-model': could not load it as a Hugging Face hub id")
     assert "\n" not in msg
+
+
+def test_cirkd_cityscapes_preset_composes_to_cirkds_recipe(make_cfg):
+    from kdseg.config import validate
+
+    cfg = make_cfg("experiment=cirkd_cityscapes", smoke=False)
+    validate(cfg)
+    assert (cfg.teacher.model.arch, cfg.teacher.model.encoder_name, cfg.teacher.model.output_stride) == ("DeepLabV3", "resnet101", 8)
+    assert (cfg.student.arch, cfg.student.encoder_name, cfg.student.encoder_weights) == ("DeepLabV3", "resnet18", "imagenet")
+    assert (cfg.dataset.name, cfg.dataset.crop_size, cfg.dataset.num_classes) == ("cityscapes", 512, 19)
+    t = cfg.trainer
+    assert (t.max_iters, t.batch_size, t.base_lr, t.base_batch, t.head_lr_mult, t.optimizer.weight_decay) == (40000, 16, 0.02, 16, 1, 1e-4)
+    assert t.epochs * 2975 // t.batch_size >= t.max_iters  # the iteration budget, not the epochs, ends the run
