@@ -9,6 +9,7 @@ import pytest
 
 from kdseg.checkpoint import load_checkpoint
 from kdseg.export import export
+from kdseg.models import build_model
 from kdseg.tasks import run
 
 from tests.e2e.test_run import mlflow_run
@@ -33,3 +34,17 @@ def test_new_student_trains_evaluates_and_exports(make_cfg, tmp_path, option):
     assert 0.0 <= evaluated["ms_flip"] <= 1.0  # views at 0.5 ... 1.75 x 64 px, padded to the model's multiple
     result = export(tmp_path / "out" / "best.pt", out_dir=tmp_path / "export")
     assert result["onnx"].is_file() and result["max_abs_diff"] <= result["atol"]
+
+
+@pytest.mark.slow
+def test_a_pretrained_smp_teacher_replaces_the_cached_one(make_cfg, tmp_path):
+    """``teacher.pretrained=<folder>``: the saved SegFormer is the teacher (no teacher is trained or cached)."""
+    saved = tmp_path / "segformer"
+    build_model("mit_b0", 21, arch="Segformer", output_stride=None).save_pretrained(saved)
+    cfg = make_cfg("student=pspnet_resnet18", "loss=kd", f"teacher.pretrained={saved}", "logger.run_name=e2e-pretrained",
+                   f"paths.cache_dir={tmp_path}/cache")
+    run(cfg)
+    _, mrun = mlflow_run(cfg, "e2e-pretrained")
+    assert mrun.data.params["teacher_checkpoint"] == str(saved) and mrun.data.tags["teacher"] == str(saved)
+    assert "train/loss_kd" in mrun.data.metrics
+    assert not (tmp_path / "cache" / "teachers").exists()
