@@ -143,14 +143,15 @@ class Distiller(nn.Module):
                 logits_s, logits_t = self.student(images), self.teacher(images)
                 for name, term in self.terms.items():
                     feat_s, feat_t = self._inputs(name, logits_s, logits_t)
-                    shapes = f"student {'x'.join(map(str, feat_s.shape))} ({self.tap_keys[name][0]}), teacher {'x'.join(map(str, feat_t.shape))} ({self.tap_keys[name][1]})"
+                    (key_s, key_t), size = self.tap_keys[name], lambda t: "x".join(map(str, t.shape))
+                    shapes = f"student {size(feat_s)} ({key_s}), teacher {size(feat_t)} ({key_t})"
                     try:
                         term.setup(tuple(feat_s.shape), tuple(feat_t.shape))
                         term.to(device)
                         term(feat_s, feat_t, masks)
                     except (ValueError, RuntimeError) as err:
                         raise ConfigError(
-                            f"loss.terms.{name} cannot be computed for {h}x{w} inputs (dataset.crop_size) on {shapes}: {one_line(err)}"
+                            f"loss.terms.{name} cannot be computed for {h}x{w} inputs (dataset.crop_size): {one_line(err)} [{shapes}]"
                         ) from None
         finally:
             self.student.train(was_training)

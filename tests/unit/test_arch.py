@@ -187,6 +187,7 @@ class _SameChannels(Term):
         return F.mse_loss(feat_s, feat_t)
 
 
+@pytest.mark.filterwarnings("ignore:Using a target size")
 def test_a_term_that_cannot_take_the_channel_mismatch_says_so_at_the_probe():
     with pytest.raises(ConfigError) as err:
         Distiller(_small("PSPNet"), _small("Segformer"), {"mse": _SameChannels(1.0, "decoder")}, input_size=64)
