@@ -29,6 +29,8 @@ DECODER, ENCODER = "decoder", "encoder"
 """Tap roles: the feature map the segmentation head receives (a forward pre-hook on
 ``segmentation_head``) and the deepest encoder feature (the last of the encoder's outputs)."""
 ROLES = (DECODER, ENCODER)
+BUILT_ARGS = ("encoder_name", "encoder_weights", "classes", "encoder_output_stride", "in_channels")
+"""smp arguments kdseg sets itself (from the model config's own keys), so not ``options``."""
 CLOSE_MATCHES = 5
 """How many close matches an unknown encoder or module path error suggests."""
 INPUT_MULTIPLE = 16
@@ -88,16 +90,12 @@ def check_arch_options(arch: str, options: Mapping[str, Any], output_stride: int
                           f"only {', '.join(DILATED_ARCHS)} do)")
 
 
-BUILT_ARGS = ("encoder_name", "encoder_weights", "classes", "encoder_output_stride", "in_channels")
-"""smp arguments kdseg sets itself (from the model config's own keys), so not ``options``."""
-
-
 def arch_multiple(arch: str = DEFAULT_ARCH, output_stride: int | None = 16, options: Mapping[str, Any] | None = None) -> int:
     """What both sides of an input to this architecture must be divisible by, from its config alone:
     the encoder's output stride (``2 ** encoder_depth``, capped by ``output_stride`` when dilated), and
     for DeepLabV3+ also :data:`INPUT_MULTIPLE` (its decoder's x4 upsampling lands on the stride-4 features)."""
-    depth = dict(options or {}).get("encoder_depth", inspect.signature(arch_class(arch)).parameters.get("encoder_depth").default)
-    stride = 2 ** int(depth)
+    default = inspect.signature(arch_class(arch)).parameters.get("encoder_depth")
+    stride = 2 ** int(dict(options or {}).get("encoder_depth", default.default if default is not None else 5))
     if arch in DILATED_ARCHS:
         stride = min(stride, int(output_stride))
     return math.lcm(stride, INPUT_MULTIPLE) if arch == DEFAULT_ARCH else stride
@@ -112,8 +110,10 @@ def model_name(node: Mapping[str, Any]) -> str:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
-    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = getattr(model, "module", None) or model._orig_mod
+    for attribute in ("module", "_orig_mod"):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, nn.Module):
+            return unwrap(inner)
     return model
 
 

@@ -59,6 +59,9 @@ def test_arch_multiple_is_what_the_built_model_needs(arch):
     options = SMALL[arch].get("options")
     multiple = arch_multiple(arch, SMALL[arch].get("output_stride", 16), options)
     assert multiple == input_multiple(model) == {"DeepLabV3Plus": 16, "DeepLabV3": 8, "PSPNet": 8}.get(arch, 32)
+    wrapped = nn.Module()
+    wrapped.module = model  # as DDP holds it
+    assert input_multiple(wrapped) == multiple
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 3 * multiple, 2 * multiple)).shape == (1, 3, 3 * multiple, 2 * multiple)
         with pytest.raises(RuntimeError):
