@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from kdseg.errors import CheckpointError, DiskFullError, MissingCheckpointError
-from kdseg.models import build_model
+from kdseg.models import DEFAULT_ARCH, build_model
 from kdseg.utils import not_a_file
 
-MODEL_KEYS = ("encoder_name", "classes", "encoder_weights", "output_stride")
+MODEL_KEYS = ("encoder_name", "classes", "encoder_weights", "output_stride", "arch", "options")
+MODEL_DEFAULTS = {"arch": DEFAULT_ARCH, "options": {}}
+"""What a model config (or a checkpoint written before ``arch`` existed) that lacks these keys means."""
 ZIP_MAGIC = b"PK\x03\x04"
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """A write that failed for lack of room: a full disk, a quota, a file-size limit (``ulimit -f``)."""
@@ -33,8 +36,14 @@ TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|failed writin
 
 
 def model_config(cfg: Any) -> dict:
-    """The plain-dict part of a model config that ``build_model`` needs."""
-    return {key: cfg[key] for key in MODEL_KEYS}
+    """The plain-dict part of a model config that ``build_model`` needs (``arch``, ``options`` defaulted)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return {key: plain.get(key, MODEL_DEFAULTS.get(key)) for key in MODEL_KEYS}
+
+
+def checkpoint_model(ckpt: dict) -> dict:
+    """A checkpoint's model config, with :data:`MODEL_DEFAULTS` for keys it predates (old files are DeepLabV3+)."""
+    return MODEL_DEFAULTS | ckpt["model"]
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -144,9 +153,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def check_model(path: str | os.PathLike, ckpt: dict, expect: dict) -> None:
     """Raise a one-line CheckpointError if the checkpoint's model config differs from ``expect``."""
-    bad = {key: value for key, value in expect.items() if ckpt["model"].get(key) != value}
+    model = checkpoint_model(ckpt)
+    bad = {key: value for key, value in expect.items() if model.get(key) != value}
     if bad:
-        have = ", ".join(f"{key}={ckpt['model'].get(key)!r}" for key in bad)
+        have = ", ".join(f"{key}={model.get(key)!r}" for key in bad)
         need = ", ".join(f"{key}={value!r}" for key, value in bad.items())
         raise CheckpointError(f"checkpoint '{path}' has {have}, but this run needs {need}")
 
@@ -159,7 +169,7 @@ def load_model(path: str | os.PathLike, expect: dict | None = None) -> tuple[nn.
     """
     ckpt = load_checkpoint(path)
     check_model(path, ckpt, expect or {})
-    model = build_model(**{k: v for k, v in ckpt["model"].items() if k in MODEL_KEYS} | {"encoder_weights": None})
+    model = build_model(**{k: v for k, v in checkpoint_model(ckpt).items() if k in MODEL_KEYS} | {"encoder_weights": None})
     load_weights(path, model, ckpt)
     return model, ckpt
 

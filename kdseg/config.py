@@ -8,6 +8,7 @@ expected; then each field's own check (a range, a multiple), then :func:`cross_c
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterator
 from enum import Enum
@@ -24,7 +25,7 @@ from kdseg.data.folders import LAYOUTS, SPLIT_KEYS
 from kdseg.data.voc import LAYOUT_HINT
 from kdseg.errors import ConfigError
 from kdseg.inference import eval_settings
-from kdseg.models import check_encoder
+from kdseg.models import DEFAULT_ARCH, arch_multiple, check_arch_options, check_encoder
 from kdseg.runtime import resolve_device
 from kdseg.schema import SCHEMA, Check, Config
 from kdseg.utils import not_a_file, not_a_folder_to_be
@@ -159,11 +160,26 @@ def cross_checks(cfg: DictConfig) -> None:
     if ds.name in LAYOUTS or ds.generated:
         n = len(dataset_classes(ds.name).names)
         _require(ds.num_classes == n, "dataset.num_classes", ds.num_classes, f"{n}, the classes of dataset={ds.name}")
+    multiples = {}
     for model_key in ("student", "teacher.model"):
         model = OmegaConf.select(cfg, model_key)
+        arch, options = model.get("arch", DEFAULT_ARCH), model.get("options") or {}
         check_encoder(model.encoder_name, f"{model_key}.encoder_name")
+        check_arch_options(arch, options, model.output_stride, model_key)
         _require(model.classes == ds.num_classes, f"{model_key}.classes", model.classes, f"dataset.num_classes={ds.num_classes}")
-    eval_settings(cfg.eval)  # eval.mode, eval.crop, eval.stride, eval.scales, eval.flip
+        multiples[model_key] = arch_multiple(arch, model.output_stride, options)
+    if cfg.teacher.get("pretrained") is not None and cfg.teacher.checkpoint is not None:
+        raise ConfigError(f"config teacher.pretrained={cfg.teacher.pretrained!r} and teacher.checkpoint={cfg.teacher.checkpoint!r}: "
+                          "expected one of them (the other null)")
+    # the teacher sees the student's crops; a pretrained teacher's own multiple is checked when it is loaded
+    multiple = math.lcm(*multiples.values())
+    for key, sizes in (("dataset.crop_size", [ds.crop_size]), ("dataset.eval_size", list(ds.eval_size))):
+        _require(all(v % multiple == 0 for v in sizes), key, sizes[0] if len(sizes) == 1 else sizes,
+                 f"a multiple of {multiple} (student {cfg.student.get('arch', DEFAULT_ARCH)}: {multiples['student']}, "
+                 f"teacher {cfg.teacher.model.get('arch', DEFAULT_ARCH)}: {multiples['teacher.model']})")
+    crop = eval_settings(cfg.eval).crop  # eval.mode, eval.crop, eval.stride, eval.scales, eval.flip
+    _require(crop is None or all(c % multiple == 0 for c in crop), "eval.crop", cfg.eval.get("crop"),
+             f"a multiple of {multiple} (the student's and the teacher's input multiple)")
     for name, term in cfg.loss.terms.items():
         _require(isinstance(term, DictConfig) and "_target_" in term, f"loss.terms.{name}", term,
                  "a term node with _target_ (a kdseg.losses Term), weight and tap")

@@ -20,8 +20,8 @@ from torch import nn
 
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError, one_line
-from kdseg.losses.base import Term, labelled, void_safe
-from kdseg.models import FeatureTaps
+from kdseg.losses.base import LOGITS, Term, labelled, void_safe
+from kdseg.models import FeatureTaps, resolve_taps
 from kdseg.utils import choice
 
 NO_TERMS = "none"
@@ -63,6 +63,14 @@ def build_terms(terms: DictConfig) -> dict[str, Term]:
             )
         built[name] = term
     return built
+
+
+def align_to(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """The student's map resized (bilinear, ``align_corners=False``) to the teacher's H x W, as METHOD.md
+    says; returned as it is when the sizes already agree (every DeepLabV3+ pair)."""
+    if feat_s.shape[-2:] == feat_t.shape[-2:]:
+        return feat_s
+    return F.interpolate(feat_s, size=feat_t.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def term_label(names: list[str] | tuple[str, ...] | Mapping) -> str:
@@ -118,9 +126,9 @@ class Distiller(nn.Module):
         self.teacher = freeze(teacher) if active else None
         if self.teacher is not None and teacher_grad:
             self.teacher.requires_grad_(True)
-        taps = [term.tap for term in active.values() if not term.reads_logits]
-        self.student_taps = FeatureTaps(student, taps) if active else None
-        self.teacher_taps = FeatureTaps(self.teacher, taps) if active else None
+        self.tap_keys = {name: resolve_taps(student, self.teacher, term.tap, LOGITS) for name, term in active.items()}
+        self.student_taps = FeatureTaps(student, [s for s, _ in self.tap_keys.values() if s != LOGITS]) if active else None
+        self.teacher_taps = FeatureTaps(self.teacher, [t for _, t in self.tap_keys.values() if t != LOGITS]) if active else None
         if active:
             self._setup_terms(input_size)
 
@@ -136,15 +144,17 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 logits_s, logits_t = self.student(images), self.teacher(images)
                 for name, term in self.terms.items():
-                    feat_s, feat_t = self._inputs(term, logits_s, logits_t)
-                    term.setup(tuple(feat_s.shape), tuple(feat_t.shape))
-                    term.to(device)
-                    term.eval()  # the probe leaves BatchNorm statistics of learned parts as built
+                    feat_s, feat_t = self._inputs(name, logits_s, logits_t)
+                    (key_s, key_t), size = self.tap_keys[name], lambda t: "x".join(map(str, t.shape))
+                    shapes = f"student {size(feat_s)} ({key_s}), teacher {size(feat_t)} ({key_t})"
                     try:
+                        term.setup(tuple(feat_s.shape), tuple(feat_t.shape))
+                        term.to(device)
+                        term.eval()  # the probe leaves BatchNorm statistics of learned parts as built
                         term(feat_s, feat_t, masks)
                     except (ValueError, RuntimeError) as err:
                         raise ConfigError(
-                            f"loss.terms.{name} cannot be computed for {h}x{w} inputs (dataset.crop_size): {one_line(err)}"
+                            f"loss.terms.{name} cannot be computed for {h}x{w} inputs (dataset.crop_size): {one_line(err)} [{shapes}]"
                         ) from None
         finally:
             self.student.train(was_training)
@@ -163,11 +173,12 @@ class Distiller(nn.Module):
         with nullcontext() if self.teacher_grad else torch.inference_mode():
             return self.teacher(images)
 
-    def _inputs(self, term: Term, logits_s: torch.Tensor, logits_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``term`` reads from the student and the teacher."""
-        if term.reads_logits:
-            return logits_s, logits_t
-        return self.student_taps[term.tap], self.teacher_taps[term.tap]
+    def _inputs(self, name: str, logits_s: torch.Tensor, logits_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What term ``name`` reads from the student and the teacher, the student's resized to the teacher's H x W."""
+        key_s, key_t = self.tap_keys[name]
+        feat_s = logits_s if key_s == LOGITS else self.student_taps[key_s]
+        feat_t = logits_t if key_t == LOGITS else self.teacher_taps[key_t]
+        return align_to(feat_s, feat_t), feat_t
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         logits = self.student(images)
@@ -176,7 +187,7 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             logits_t = self.run_teacher(images)
             for name, term in self.terms.items():
-                feat_s, feat_t = self._inputs(term, logits, logits_t)
+                feat_s, feat_t = self._inputs(name, logits, logits_t)
                 if self.training:
                     with torch.no_grad():
                         term.update_state(feat_s, feat_t, masks)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.folders import LAYOUTS, folder_dataset
 from kdseg.data.transforms import val_transforms
 from kdseg.data.voc import VOCSegmentation
+from kdseg.inference import whole_inference
+from kdseg.models import INPUT_MULTIPLE, input_multiple
 from kdseg.viz import save_prediction_grid
 
 
@@ -46,7 +49,7 @@ def qualitative_figure(
         model, ckpt = load_model(path)
         model.eval()
         with torch.no_grad():
-            pred = model(images).argmax(1)
+            pred = whole_inference(model, images, math.lcm(INPUT_MULTIPLE, input_multiple(model))).argmax(1)
         rows.append((f"{label}\n{100 * ckpt['metrics']['miou']:.1f}% mIoU", pred))
     return save_prediction_grid(out, images, rows, palette=dataset_classes(dataset).palette)
 

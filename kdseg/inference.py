@@ -16,6 +16,7 @@ several it is ``log(mean of the views' probabilities)``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdseg.errors import ConfigError
-from kdseg.models import INPUT_MULTIPLE
+from kdseg.models import INPUT_MULTIPLE, input_multiple
 
 MODES = ("whole", "slide")
 
@@ -241,8 +242,9 @@ def predict(model: nn.Module, images: Tensor, cfg_eval: Mapping | EvalSettings |
     settings = eval_settings(cfg_eval)
     if settings.mode == "whole" and settings.one_view:
         return model(images)
+    divisor = math.lcm(INPUT_MULTIPLE, input_multiple(model))  # 16 for DeepLabV3+, 32 for a SegFormer, ...
     if settings.mode == "slide":
-        base = partial(slide_inference, crop=settings.crop, stride=settings.stride)
+        base = partial(slide_inference, crop=settings.crop, stride=settings.stride, size_divisor=divisor)
     else:
-        base = whole_inference
+        base = partial(whole_inference, size_divisor=divisor)
     return multiscale_flip_inference(model, images, settings.scales, settings.flip, base)

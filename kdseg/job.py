@@ -6,6 +6,7 @@ trains a teacher as a job of its own.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import OnBadSample
 from kdseg.distill import Distiller, active_terms, term_label
 from kdseg.errors import KdsegError
+from kdseg.models import INPUT_MULTIPLE, input_multiple, model_name
 from kdseg.profile import cached_model_stats, stats_metrics
 from kdseg.report import TERM_WEIGHT
 from kdseg.resume import Plan, plan_run, run_config
@@ -95,6 +97,16 @@ def plan_for(cfg: DictConfig, config: dict[str, Any] | None = None) -> Plan:
     return plan
 
 
+def config_model_name(config: Mapping[str, Any], node: str) -> str:
+    """:func:`~kdseg.models.model_name` of the model node ``node`` (``student``, ``teacher.model``) of a
+    flattened config; ``-`` where the config does not name its encoder."""
+    encoder = config.get(f"{node}.encoder_name")
+    if encoder is None:
+        return "-"
+    arch = config.get(f"{node}.arch")
+    return model_name({"encoder_name": str(encoder)} | ({"arch": arch} if arch else {}))
+
+
 def model_tags(config: Mapping[str, Any]) -> dict[str, str]:
     """What a training run's flattened config (:func:`~kdseg.resume.run_config`) trains, as MLflow tags:
     task, student, teacher, loss, dataset and seed.
@@ -108,8 +120,8 @@ def model_tags(config: Mapping[str, Any]) -> dict[str, str]:
     seed = config.get("teacher.train.seed" if task == "teacher" else "seed", "-")
     return {
         "task": task,
-        "student": str(config.get("student.encoder_name", "-")) if distill else "-",
-        "teacher": str(config.get("teacher.model.encoder_name", "-")),
+        "student": config_model_name(config, "student") if distill else "-",
+        "teacher": str(config.get("teacher.pretrained") or config_model_name(config, "teacher.model")),
         "loss": term_label(active_terms(weights)) if distill else "ce",
         "dataset": str(config.get("dataset.name", "-")),
         "seed": str(seed),
@@ -148,9 +160,11 @@ def fit(
     ``task=eval`` reads back to describe the model.
     """
     seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
+    networks = (model.student, model.teacher) if model.teacher is not None else (model.student,)
     train_loader, val_loader = build_loaders(
         *datasets, trainer_cfg.batch_size, trainer_cfg.num_workers, seed,
         pin_memory=auto_flag(trainer_cfg.pin_memory, device), persistent_workers=trainer_cfg.persistent_workers,
+        stride=math.lcm(INPUT_MULTIPLE, *(input_multiple(net) for net in networks)),  # val images fit both networks
     )
     run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "mlflow_run_id": tracker.run_id,
                 "config": plan.config if record is None else record}

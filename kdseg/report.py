@@ -14,12 +14,14 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kdseg.data.classes import dataset_classes
 from kdseg.distill import active_terms
+from kdseg.models import DEFAULT_ARCH, model_name
 
 NOT_SETTING = ("seed", "logger.run_name", "sweep_id")
 NOT_SETTING_PREFIXES = ("paths.", "hydra.")
@@ -154,7 +156,7 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
         params = dict(setting)
         terms = runs[0].terms
         row = {
-            "student": params.get("student.encoder_name", "?"),
+            "student": params_model_name(params, "student"),
             "loss": "+".join(terms) or "none",
             "terms": terms,
             "seeds": sorted(int(r.params.get("seed", -1)) for r in runs),
@@ -226,11 +228,18 @@ def term_columns(records: Sequence[RunRecord]) -> list[str]:
     return sorted(names, key=lambda name: (order.index(name) if name in order else len(order), name))
 
 
+def params_model_name(params: Mapping[str, Any], prefix: str, missing: str = "?") -> str:
+    """The :func:`~kdseg.models.model_name` of a run's ``<prefix>.*`` params (``resnet18``, ``pspnet-resnet18``)."""
+    if f"{prefix}.encoder_name" not in params:
+        return missing
+    return model_name({"arch": params.get(f"{prefix}.arch", DEFAULT_ARCH), "encoder_name": params[f"{prefix}.encoder_name"]})
+
+
 def student_order(records: Sequence[RunRecord]) -> list[str]:
     """The students of ``records``, the larger (parameter count) first, ties by name."""
     size: dict[str, float] = {}
     for record in records:
-        student = record.params.get("student.encoder_name", "?")
+        student = params_model_name(record.params, "student")
         params_m = _number(record.params.get("params/student_m"))
         size[student] = max(size.get(student, 0.0), params_m if math.isfinite(params_m) else 0.0)
     return sorted(size, key=lambda s: (-size[s], s))
@@ -244,7 +253,7 @@ def teacher_row(records: Sequence[RunRecord]) -> dict | None:
     values = sorted({round(v, 8) for v, _ in found})
     params = found[0][1]
     return {
-        "name": params.get("teacher.model.encoder_name", "teacher"),
+        "name": params_model_name(params, "teacher.model", "teacher"),
         "miou_mean": statistics.fmean(values),
         "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),

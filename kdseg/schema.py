@@ -26,7 +26,7 @@ from kdseg.data.dataset import OnBadSample
 from kdseg.data.synthetic import MIN_SIZE
 from kdseg.data.transforms import EvalMode
 from kdseg.distill import BnMode
-from kdseg.models import INPUT_MULTIPLE
+from kdseg.models import DEFAULT_ARCH, INPUT_MULTIPLE
 from kdseg.runtime import Amp
 
 # OmegaConf reads these annotations at run time: the typing aliases (Dict, List, Optional) it
@@ -90,11 +90,13 @@ class ModelConf:
     """``student`` and ``teacher.model``: the arguments of :func:`kdseg.models.build_model`."""
 
     _target_: str = MISSING
+    arch: str = DEFAULT_ARCH
     encoder_name: str = MISSING
     encoder_weights: Optional[str] = MISSING
     classes: int = MISSING
-    output_stride: int = one_of(8, 16)
+    output_stride: Optional[int] = one_of(8, 16)
     zero_init_residual: bool = MISSING
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class TeacherTrainConf(OptimConf):
 class TeacherConf:
     model: ModelConf = MISSING
     checkpoint: Optional[str] = MISSING
+    pretrained: Optional[str] = None
     bn_mode: BnMode = MISSING
     grad: bool = MISSING
     train: TeacherTrainConf = MISSING
@@ -141,7 +144,7 @@ class DatasetConf:
         lambda v: v >= INPUT_MULTIPLE and v % INPUT_MULTIPLE == 0,
         f"a multiple of {INPUT_MULTIPLE} (DeepLabV3+ needs input sizes divisible by {INPUT_MULTIPLE}: "
         "the output stride and the decoder's x4 upsampling)",
-    )
+    )  # and of the models' own multiples (kdseg.config.cross_checks)
     eval_size: List[int] = checked(_is_size, f"[height, width], multiples of {INPUT_MULTIPLE} (where GFLOPs and FPS are measured)")
     scale_range: List[float] = checked(lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max")
     blur_prob: float = checked(lambda v: 0 <= v <= 1, "a probability in [0, 1]")

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdseg import dist
-from kdseg.checkpoint import check_model, load_checkpoint, load_weights, model_config
+from kdseg.checkpoint import MODEL_DEFAULTS, check_model, load_checkpoint, load_weights, model_config
 from kdseg.distill import Distiller
 from kdseg.errors import ConfigError
 from kdseg.job import FitResult, build, fit, log_skipped, log_speed, tags_for, write_config
-from kdseg.models import count_params
+from kdseg.models import count_params, model_name
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import seed_everything
 from kdseg.tracking import Tracker, run_params
@@ -42,16 +42,20 @@ def cache_key(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in NOT_DATA_KEYS + (("root",) if cfg.dataset.generated else ()):
         dataset.pop(key)
+    model = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+    for key, default in MODEL_DEFAULTS.items():  # a DeepLabV3+ keeps the key (and cache) it had before `arch`
+        if model.get(key) == default:
+            model.pop(key)
     return {
         "dataset": dataset,
-        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+        "model": model,
         "train": OmegaConf.to_container(cfg.teacher.train, resolve=True),
     }
 
 
 def cache_path(cfg: DictConfig) -> Path:
     """Cache file of the teacher that ``cfg`` would train (:func:`cache_key`)."""
-    name = f"{cfg.teacher.model.encoder_name}-{cfg.dataset.name}-{digest(cache_key(cfg), CACHE_KEY_CHARS)}.pt"
+    name = f"{model_name(cfg.teacher.model)}-{cfg.dataset.name}-{digest(cache_key(cfg), CACHE_KEY_CHARS)}.pt"
     return Path(cfg.paths.cache_dir) / "teachers" / name
 
 
@@ -100,7 +104,7 @@ def train_teacher(
         params["teacher_cache"] = cache.name
         tags |= {"teacher_cache": cache.name, "teacher_cache_key": digest(cache_key(cfg), CACHE_KEY_CHARS)}
         write_config(own, plan.out_dir)  # the teacher's folder holds the teacher's config, not the job's
-    name = f"teacher-{cfg.teacher.model.encoder_name}-{cfg.dataset.name}"
+    name = f"teacher-{model_name(cfg.teacher.model)}-{cfg.dataset.name}"
     with plan.active("teacher", cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, plan.out_dir):
         log_skipped(cfg, tracker, datasets, plan)
         result = fit(
@@ -138,7 +142,7 @@ def get_teacher(cfg: DictConfig, datasets: tuple, teacher: nn.Module, device: to
     """Load the configured teacher checkpoint, or on a generated dataset the cached one (trained
     first if missing), into ``teacher`` (a model of the configured architecture); returns the
     checkpoint and its path."""
-    expect = {key: cfg.teacher.model[key] for key in ("encoder_name", "output_stride")} | {"classes": cfg.dataset.num_classes}
+    expect = {key: cfg.teacher.model[key] for key in ("arch", "encoder_name", "output_stride")} | {"classes": cfg.dataset.num_classes}
     if cfg.teacher.checkpoint is not None:
         path = Path(cfg.teacher.checkpoint)
     elif not cfg.dataset.generated:

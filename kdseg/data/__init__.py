@@ -1,6 +1,8 @@
 """Datasets and loaders from the ``dataset`` and ``trainer`` config groups."""
 from __future__ import annotations
 
+from functools import partial
+
 from pathlib import Path
 
 import torch
@@ -89,6 +91,7 @@ def build_loaders(
     seed: int,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    stride: int = INPUT_MULTIPLE,
 ) -> tuple[DataLoader, DataLoader]:
     """Seeded, shuffled train loader (drops the last partial batch) and an ordered val loader.
 
@@ -96,7 +99,8 @@ def build_loaders(
     generators, whose states a checkpoint saves. Train workers are started per epoch
     unless ``persistent_workers`` (so that a resumed run seeds them exactly as the
     uninterrupted run did); val workers persist. ``pin_memory`` gives page-locked batches
-    that copy to a GPU asynchronously.
+    that copy to a GPU asynchronously. Batches are padded to a multiple of ``stride`` (the
+    models' input multiple, :func:`pad_collate`).
 
     ``batch_size`` is per process. Under DDP each rank loads its part of one seeded
     permutation of the train split (``kdseg.dist.train_sampler``; the trainer reshuffles
@@ -109,7 +113,8 @@ def build_loaders(
         raise ConfigError(
             f"trainer.batch_size={batch_size} is larger than the train split ({len(train_set)} images{where})"
         )
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=pad_collate)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory,
+                  collate_fn=pad_collate if stride == INPUT_MULTIPLE else partial(pad_collate, stride=stride))
     sampler = dist.train_sampler(train_set, seed)  # None with one process
     train = DataLoader(
         train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,

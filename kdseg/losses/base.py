@@ -6,7 +6,11 @@ arguments). It declares
 - ``weight``: its factor in ``L = L_ce + sum_k weight_k * term_k``; 0 switches it off (no
   teacher is built when every term is off);
 - ``tap``: what it reads from both networks, a module path whose output a forward hook
-  captures (e.g. ``decoder.block2.1``), or ``"logits"`` for the networks' outputs.
+  captures (e.g. ``decoder.block2.1``), a role (``decoder``: the segmentation head's input;
+  ``encoder``: the deepest encoder feature), ``"logits"`` for the networks' outputs, or a
+  mapping ``{student: ..., teacher: ...}`` of one of those per side (resolved per pair by
+  :func:`kdseg.models.resolve_taps`). Where the two maps differ in H x W, the Distiller resizes the
+  student's to the teacher's first; a channel mismatch is the term's to handle.
 
 The Distiller calls ``term(student_input, teacher_input, masks)`` with the batch's labels
 (B x H x W, 255 = void), for terms that leave out void pixels or build class prototypes;
@@ -40,6 +44,7 @@ yaml in ``conf/loss/`` whose ``terms.<name>`` node targets it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +54,8 @@ from torch.nn import functional as F
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.errors import ConfigError
 
+SIDES = ("student", "teacher")
+"""The keys of a per-side ``tap`` mapping."""
 LOGITS = "logits"
 """The ``tap`` value that makes a term read the networks' outputs (B x classes x H x W)."""
 
@@ -72,15 +79,23 @@ class Progress:
     max_iters: int = 1
 
 
+def check_tap(tap: str | Mapping[str, str]) -> str | dict[str, str]:
+    """``tap`` as a string or a plain ``{student, teacher}`` dict, or a :class:`ConfigError` saying what was expected."""
+    if isinstance(tap, Mapping) and set(tap) == set(SIDES) and all(isinstance(v, str) and v for v in tap.values()):
+        return {side: str(tap[side]) for side in SIDES}
+    if not isinstance(tap, str) or not tap:
+        raise ConfigError(f"tap={tap!r}: expected a module path, a role (decoder, encoder), '{LOGITS}', "
+                          "or {student: ..., teacher: ...} of those")
+    return tap
+
+
 class Term(nn.Module):
     """Base class of the distillation terms (see the module docstring for the protocol)."""
 
-    def __init__(self, weight: float, tap: str) -> None:
+    def __init__(self, weight: float, tap: str | Mapping[str, str]) -> None:
         super().__init__()
         self.weight = check_positive(weight, "weight", strict=False)
-        if not isinstance(tap, str) or not tap:
-            raise ConfigError(f"tap={tap!r}: expected a module path or '{LOGITS}'")
-        self.tap = tap
+        self.tap = check_tap(tap)
         self.progress = Progress()
 
     @property

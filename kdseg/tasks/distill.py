@@ -13,7 +13,8 @@ from kdseg.data import build_datasets
 from kdseg.data.classes import dataset_classes
 from kdseg.distill import Distiller, build_terms, term_label
 from kdseg.job import FitResult, build, fit, log_skipped, log_speed, plan_for, tags_for
-from kdseg.models import count_params
+from kdseg.models import count_params, load_pretrained, model_name
+from kdseg.profile import check_input_size
 from kdseg.runtime import seed_everything
 from kdseg.teacher import get_teacher
 from kdseg.tracking import Tracker, run_params
@@ -29,7 +30,12 @@ def run_distill(cfg: DictConfig, tracker: Tracker, device: torch.device) -> floa
     label = term_label(terms)
     seed_everything(cfg.seed)
     student = build(cfg.student)
-    teacher = build(cfg.teacher.model) if terms else None  # its weights are loaded below
+    pretrained = cfg.teacher.get("pretrained")
+    if terms and pretrained is not None:  # a model saved by smp, weights included
+        teacher = load_pretrained(pretrained, cfg.dataset.num_classes)
+        check_input_size(teacher, (cfg.dataset.crop_size, cfg.dataset.crop_size))
+    else:
+        teacher = build(cfg.teacher.model) if terms else None  # its weights are loaded below
     # taps exist, every term computes at the crop size, adapters are built: before any data or teacher work
     model = Distiller(
         student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad,
@@ -37,8 +43,8 @@ def run_distill(cfg: DictConfig, tracker: Tracker, device: torch.device) -> floa
     )
     plan = plan_for(cfg)
     datasets = build_datasets(cfg.dataset)
-    teacher_ckpt, teacher_path = get_teacher(cfg, datasets, teacher, device) if terms else (None, None)
-    name = cfg.logger.run_name or f"distill-{cfg.student.encoder_name}-{label}-seed{cfg.seed}"
+    teacher_ckpt, teacher_path = get_teacher(cfg, datasets, teacher, device) if terms and pretrained is None else (None, pretrained)
+    name = cfg.logger.run_name or f"distill-{model_name(cfg.student)}-{label}-seed{cfg.seed}"
     params = run_params(cfg, dist.world_size()) | {"params/student_m": count_params(student) / 1e6, "loss.term_order": ",".join(cfg.loss.terms)}
     if teacher is not None:
         params["params/teacher_m"] = count_params(teacher) / 1e6
@@ -57,9 +63,9 @@ def run_distill(cfg: DictConfig, tracker: Tracker, device: torch.device) -> floa
         if dist.is_main():
             write_artifacts(cfg, tracker, out_dir, result, student, teacher, label, device)
             log_speed(cfg, tracker, {"student": student, "teacher": teacher}, device)
-    print(f"\nstudent {cfg.student.encoder_name} ({label}) val mIoU: {100 * result.final_miou:.2f} (best {100 * result.best_miou:.2f})")
+    print(f"\nstudent {model_name(cfg.student)} ({label}) val mIoU: {100 * result.final_miou:.2f} (best {100 * result.best_miou:.2f})")
     if teacher_miou is not None:
-        print(f"teacher {cfg.teacher.model.encoder_name} val mIoU: {100 * teacher_miou:.2f}")
+        print(f"teacher {model_name(cfg.teacher.model)} val mIoU: {100 * teacher_miou:.2f}")
     print(f"outputs: {out_dir}")
     if run_id:
         print(f"MLflow run {run_id} in {tracker.tracking_uri}\nbrowse: mlflow ui --backend-store-uri {tracker.tracking_uri}")
@@ -82,9 +88,9 @@ def write_artifacts(
     rows = [("ground truth", masks)]
     with torch.no_grad():
         if teacher is not None:
-            rows.append((f"teacher {cfg.teacher.model.encoder_name}", teacher.eval()(images.to(device)).argmax(1).cpu()))
+            rows.append((f"teacher {model_name(cfg.teacher.model)}", teacher.eval()(images.to(device)).argmax(1).cpu()))
         student.eval()
-        rows.append((f"student {cfg.student.encoder_name} ({label})", student(images.to(device)).argmax(1).cpu()))
+        rows.append((f"student {model_name(cfg.student)} ({label})", student(images.to(device)).argmax(1).cpu()))
     save_prediction_grid(out_dir / "predictions.png", images, rows, palette=palette)
     for name in ("per_class_iou.md", "predictions.png", "config.yaml"):
         tracker.log_artifact(out_dir / name)

@@ -6,6 +6,7 @@ settings are params under ``evaluation.``, and ``trained_in_run`` links it to th
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import dataset_classes
 from kdseg.inference import eval_settings
 from kdseg.job import model_tags, tags_for, write_config
+from kdseg.models import INPUT_MULTIPLE, input_multiple, model_name
 from kdseg.teacher import cache_path
 from kdseg.tracking import Tracker
 from kdseg.train import epoch_metrics, evaluate
@@ -37,7 +39,7 @@ def trained_config(ckpt: dict, cached_teacher: bool) -> dict[str, Any]:
     if "task" not in config:
         role = "teacher" if cached_teacher or "teacher_cache" in config else None
         if role is not None:
-            config |= {"task": "teacher", "teacher.model.encoder_name": ckpt["model"]["encoder_name"]}
+            config |= {"task": "teacher"} | {f"teacher.model.{key}": ckpt["model"][key] for key in ("arch", "encoder_name") if key in ckpt["model"]}
     return config
 
 
@@ -45,14 +47,14 @@ def eval_record(cfg: DictConfig, path: Path, ckpt: dict, tracker: Tracker) -> tu
     """The eval run's name, params and tags: the evaluated model's, with the eval's settings and the training run's link."""
     config = trained_config(ckpt, not cfg.checkpoint)
     tags = tags_for(config) | {"task": "eval", "trained_task": str(config.get("task", "-")),
-                               "model": ckpt["model"]["encoder_name"], "dataset": cfg.dataset.name}
+                               "model": model_name(ckpt["model"]), "dataset": cfg.dataset.name}
     described = model_tags(config)
     if described["task"] == "distill":
         what = f"{described['student']}-{described['loss']}-seed{described['seed']}"
     elif described["task"] == "teacher":
         what = f"teacher-{described['teacher']}-seed{described['seed']}"
     else:
-        what = ckpt["model"]["encoder_name"]
+        what = model_name(ckpt["model"])
     own = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("eval", "dataset")} | {"device": cfg.trainer.device}
     params = config | {f"{EVAL_PREFIX}{key}": value for key, value in flatten(own).items()}
     params |= {"checkpoint": str(path), "dist.world_size": dist.world_size()}
@@ -75,7 +77,8 @@ def run_eval(cfg: DictConfig, tracker: Tracker, device: torch.device) -> float:
     path = (Path(cfg.checkpoint) if cfg.checkpoint else cache_path(cfg)).resolve()
     model, ckpt = load_model(path, {"classes": cfg.dataset.num_classes})
     _, val_set = build_datasets(cfg.dataset)
-    _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed)
+    _, val_loader = build_loaders(val_set, val_set, 1, cfg.trainer.num_workers, cfg.seed,
+                                  stride=math.lcm(INPUT_MULTIPLE, input_multiple(model)))
     settings = eval_settings(cfg.eval)
     with tracker.run(*eval_record(cfg, path, ckpt, tracker)):
         result = evaluate(model.to(device), val_loader, cfg.dataset.num_classes, device, progress=cfg.trainer.progress, eval_cfg=settings)

@@ -20,8 +20,9 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_documented_options():
     assert {"none", "pi", "pa", "pi_pa", "kd", "cwd", "at", "fitnet", "dist", "ifvd"} <= set(options("loss"))
-    assert {"resnet18", "mobilenet_v2"} <= set(options("student"))
-    assert "resnet101" in options("teacher")
+    assert {"resnet18", "mobilenet_v2", "deeplabv3_resnet18", "deeplabv3_mobilenet_v2", "pspnet_resnet18", "segformer_b0",
+            "upernet_resnet18"} <= set(options("student"))
+    assert {"resnet101", "deeplabv3_resnet101", "segformer_b4"} <= set(options("teacher"))
     assert {"synthetic", "voc", "voc_aug"} <= set(options("dataset"))
     assert {"default", "smoke"} <= set(options("trainer"))
 
@@ -31,7 +32,7 @@ def test_student_options_build(make_cfg, option):
     cfg = make_cfg(f"student={option}")
     validate(cfg)
     model = instantiate(cfg.student)
-    assert model.segmentation_head[0].out_channels == 21
+    assert type(model).__name__ == cfg.student.arch and model.segmentation_head[0].out_channels == 21
 
 
 @pytest.mark.parametrize("option", options("teacher"))
@@ -39,7 +40,7 @@ def test_teacher_options_build(make_cfg, option):
     cfg = make_cfg(f"teacher={option}")
     validate(cfg)
     model = instantiate(cfg.teacher.model)
-    assert model.name == f"deeplabv3plus-{cfg.teacher.model.encoder_name}" and model.segmentation_head[0].out_channels == 21
+    assert type(model).__name__ == cfg.teacher.model.arch and model.segmentation_head[0].out_channels == 21
 
 
 def test_default_teacher_starts_residual_blocks_as_identity(make_cfg):
@@ -123,6 +124,8 @@ def test_other_groups_compose(make_cfg, group, tmp_path):
         ("logger", "none"): lambda cfg: cfg.logger.enabled is False,
         ("paths", "default"): lambda cfg: cfg.paths.root_dir == str(tmp_path) and cfg.paths.output_dir == f"{tmp_path}/out",
         ("experiment", "paper"): lambda cfg: cfg.trainer.epochs == cfg.teacher.train.epochs == 120 and cfg.dataset.name == "voc",
+        ("experiment", "cirkd_cityscapes"): lambda cfg: cfg.dataset.name == "cityscapes" and cfg.student.arch == "DeepLabV3"
+        and cfg.teacher.model.arch == "DeepLabV3" and cfg.trainer.max_iters == 40000,
     }
     assert {option for g, option in expected if g == group} == set(options(group))
     for option in options(group):
