@@ -25,6 +25,8 @@ from kdseg.models import DEFAULT_ARCH, model_name
 
 NOT_SETTING = ("seed", "logger.run_name", "sweep_id")
 NOT_SETTING_PREFIXES = ("paths.", "hydra.")
+TERM_SEED = re.compile(r"^loss\.terms\.[^.]+\.seed$")
+"""A stateful term's own seed (``${seed}`` by default): part of the run's seed, not of its setting."""
 TERM_WEIGHT = re.compile(r"^loss\.terms\.([^.]+)\.weight$")
 """Flattened param of a term's weight: ``loss.terms.<name>.weight``."""
 WEIGHT_KEYS = ("loss.pi_lambda", "loss.pa_lambda")
@@ -55,7 +57,7 @@ class RunRecord:
         return tuple(
             sorted(
                 (k, v) for k, v in self.params.items()
-                if k not in NOT_SETTING and not k.startswith(NOT_SETTING_PREFIXES)
+                if k not in NOT_SETTING and not k.startswith(NOT_SETTING_PREFIXES) and not TERM_SEED.match(k)
             )
         )
 

@@ -25,7 +25,10 @@ def test_loss_sum_on_the_command_line_is_a_list_of_options():
         [sys.executable, str(ROOT / "run.py"), "loss=kd+cwd", "--cfg", "job"], capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     weights = re.findall(r"^    (\w+):\n(?:      .*\n)*?      weight: (\S+)$", out, flags=re.M)
-    assert dict(weights) | {"pi": "0", "pa": "0"} == {"pi": "0", "pa": "0", "kd": "1", "cwd": "3", "at": "0", "fitnet": "0", "dist": "0", "ifvd": "0"}
+    assert dict(weights) | {"pi": "0", "pa": "0"} == {
+        "pi": "0", "pa": "0", "kd": "1", "cwd": "3", "at": "0", "fitnet": "0", "dist": "0", "ifvd": "0",
+        "dkd": "0", "aicsd": "0", "bpkd": "0", "cirkd": "0", "afdcd": "0",
+    }
 
 
 def test_cfg_job_prints_resolved_pi_lambda():

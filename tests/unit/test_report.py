@@ -84,3 +84,19 @@ def test_the_summary_says_how_its_fps_was_measured():
     record.tags["speed_method"] = "measured once"
     text = to_markdown(summarize([record]))
     assert "cpu, batch 1 at 64x64; FPS measured once" in text and IN_JOB_SPEED not in text
+
+
+def test_a_terms_own_seed_is_part_of_the_runs_seed_not_of_its_setting():
+    """cirkd / afdcd carry ``seed: ${seed}``: seeds 0 and 1 of one method are one row, a term's other options still split rows."""
+    from kdseg.report import summarize
+
+    records = []
+    for seed in (0, 1):
+        for size in ("20000", "100"):
+            record = _record("r18", "12.3", {"pi": "0", "pa": "0", "kd": "1"}, seed, 0.2 + 0.1 * seed)
+            record.params |= {"loss.terms.cirkd.seed": str(seed), "loss.terms.cirkd.pixel_memory_size": size}
+            records.append(record)
+    rows = summarize(records)
+    assert len(rows) == 2 and all(r["seeds"] == [0, 1] for r in rows)
+    assert {r["varying"]["loss.terms.cirkd.pixel_memory_size"] for r in rows} == {"20000", "100"}
+    assert all("loss.terms.cirkd.seed" not in r["varying"] for r in rows)
