@@ -80,13 +80,15 @@ def composed(*args: str) -> tuple[dict, dict]:
 
 def test_sweeps_are_a_config_group_and_files_with_one_source_each():
     """sweeps/X.yaml composes exactly what sweep=X does, and holds no parameters of its own."""
-    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == ["paper_table", "seeds", "zoo"]
+    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == ["cross_arch", "paper_table", "seeds", "zoo"]
     for sweep in SWEEPS:
         group, file = (composed(*FORMS[form](sweep)) for form in ("group", "file"))
         assert group == file, sweep
         assert group[1] == OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sweep" / f"{sweep}.yaml").hydra.sweeper.params)
         assert "params" not in (ROOT / "sweeps" / f"{sweep}.yaml").read_text()
     assert composed("sweep=paper_table")[1] == {"student": "resnet18,mobilenet_v2", "loss": "none,pi,pa,pi_pa", "seed": "0,1,2"}
+    assert composed("sweep=cross_arch")[1] == {
+        "student": "deeplabv3_resnet18,pspnet_resnet18,segformer_b0", "loss": "none,pi_pa,cwd", "seed": "0,1,2"}
 
 
 @pytest.mark.slow
