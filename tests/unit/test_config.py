@@ -23,7 +23,7 @@ def test_groups_have_the_documented_options():
     assert {"resnet18", "mobilenet_v2", "deeplabv3_resnet18", "deeplabv3_mobilenet_v2", "pspnet_resnet18", "segformer_b0",
             "upernet_resnet18"} <= set(options("student"))
     assert {"resnet101", "deeplabv3_resnet101", "segformer_b4"} <= set(options("teacher"))
-    assert {"synthetic", "voc", "voc_aug"} <= set(options("dataset"))
+    assert {"synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "camvid"} <= set(options("dataset"))
     assert {"default", "smoke"} <= set(options("trainer"))
 
 
