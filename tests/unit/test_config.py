@@ -25,6 +25,7 @@ def test_groups_have_the_documented_options():
     assert {"resnet101", "deeplabv3_resnet101", "segformer_b4"} <= set(options("teacher"))
     assert {"synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "camvid"} <= set(options("dataset"))
     assert {"default", "smoke"} <= set(options("trainer"))
+    assert {"sgd", "adamw"} <= set(options("trainer/optimizer"))
 
 
 @pytest.mark.parametrize("option", options("student"))
@@ -114,6 +115,22 @@ def test_trainer_options_instantiate(make_cfg, option):
     optimizer = instantiate(cfg.trainer.optimizer)(model.parameters(), lr=0.1)
     scheduler = instantiate(cfg.trainer.scheduler)(optimizer, max_iters=10)
     assert isinstance(scheduler, PolyLR) and optimizer.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("option, kind, weight_decay", [("sgd", torch.optim.SGD, 5e-4), ("adamw", torch.optim.AdamW, 1e-2)])
+def test_optimizer_options_instantiate_and_checkpoint(make_cfg, option, kind, weight_decay, tmp_path):
+    """trainer/optimizer=<option> (under trainer=smoke too) builds that optimiser, which the teacher's
+    training shares, and its state dict loads back as a checkpoint does (weights_only)."""
+    cfg = make_cfg(f"trainer/optimizer={option}")
+    validate(cfg)
+    assert cfg.teacher.train.optimizer == cfg.trainer.optimizer and cfg.trainer.max_iters == 2  # smoke's
+    model = torch.nn.Linear(2, 2)
+    optimizer = instantiate(cfg.trainer.optimizer)(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    assert type(optimizer) is kind and optimizer.defaults["weight_decay"] == weight_decay
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    assert torch.load(tmp_path / "optimizer.pt", weights_only=True)["param_groups"][0]["lr"] == 0.1
 
 
 @pytest.mark.parametrize("group", ["logger", "paths", "experiment"])
