@@ -36,7 +36,7 @@ def qualitative_figure(
     """Predictions of each (label, checkpoint) on the first ``k`` val images, one row each.
 
     ``dataset``: ``voc`` (a VOC-layout ``root`` read through ``val_list`` and ``mask_dir``),
-    ``cityscapes`` or ``ade20k`` (their val folder); it also picks the palette.
+    ``cityscapes``, ``ade20k`` or ``camvid`` (their val folder); it also picks the palette.
     """
     transforms = val_transforms("full")
     if dataset in LAYOUTS:

@@ -71,8 +71,11 @@ def make_cfg(session_dir: Path, tmp_path: Path):
     return make
 
 
-@pytest.fixture(params=["cityscapes", "ade20k"])
+FOLDERS = {"cityscapes": "cityscapes", "ade20k": "ADEChallengeData2016", "camvid": "CamVid"}
+"""The split-folder datasets and the name of the folder they are released in."""
+
+
+@pytest.fixture(params=list(FOLDERS))
 def written(request, tmp_path: Path) -> Written:
-    """A small Cityscapes or ADE20K folder in its real layout (tests/real_layouts.py)."""
-    folder = "cityscapes" if request.param == "cityscapes" else "ADEChallengeData2016"
-    return write_dataset(request.param, tmp_path / folder)
+    """A small Cityscapes, ADE20K or CamVid folder in its real layout (tests/real_layouts.py)."""
+    return write_dataset(request.param, tmp_path / FOLDERS[request.param])

@@ -37,8 +37,8 @@ def split_samples(cfg: DictConfig, root: Path, split: str) -> tuple[list[tuple[P
     """The (image, mask) pairs of the ``train`` or ``val`` split, where they are listed (for
     messages), and the label map of the dataset's masks (None: they store class indices).
 
-    VOC-layout datasets list a split in a file (``train_list`` / ``val_list``); Cityscapes and
-    ADE20K are split folders (``train_split`` / ``val_split``), see :mod:`kdseg.data.folders`.
+    VOC-layout datasets list a split in a file (``train_list`` / ``val_list``); Cityscapes,
+    ADE20K and CamVid are split folders (``train_split`` / ``val_split``), see :mod:`kdseg.data.folders`.
     """
     if cfg.name in LAYOUTS:
         layout, folder = LAYOUTS[cfg.name], cfg[f"{split}_split"]

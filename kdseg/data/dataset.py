@@ -1,6 +1,6 @@
 """The one dataset class: (image, mask) file pairs, an optional label map, a joint transform.
 
-VOC, Cityscapes and ADE20K differ only in how they list their pairs (:mod:`kdseg.data.voc`,
+VOC, Cityscapes, ADE20K and CamVid differ only in how they list their pairs (:mod:`kdseg.data.voc`,
 :mod:`kdseg.data.folders`) and map their stored mask values (:mod:`kdseg.data.labels`).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cityscapes and ADE20K: each split is a pair of folders (images, masks), no list files.
+"""Cityscapes, ADE20K and CamVid: each split is a pair of folders (images, masks), no list files.
 
 A split is every file of its image and mask folders, matched by name and sorted (so the
 order, and a seeded run, is the same on every machine). A file whose partner is missing is
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import SegmentationDataset
-from kdseg.data.labels import LabelMap, ade20k_label_map, cityscapes_label_map
+from kdseg.data.labels import LabelMap, ade20k_label_map, camvid_label_map, cityscapes_label_map
 from kdseg.errors import MissingDataError
 from kdseg.utils import not_a_folder
 
@@ -24,7 +24,9 @@ class FolderLayout:
     """Where a split's images and masks are, how they are named, and how masks map to classes."""
 
     image_dir: str
+    """The images' folder under the root, ``{split}`` standing for the split's name."""
     mask_dir: str
+    """The masks' folder, likewise."""
     image_suffix: str
     mask_suffix: str
     nested: bool
@@ -36,18 +38,22 @@ class FolderLayout:
     """The expected layout, for error messages."""
 
     def folders(self, root: Path, split: str) -> tuple[Path, Path]:
-        return root / self.image_dir / split, root / self.mask_dir / split
+        return root / self.image_dir.format(split=split), root / self.mask_dir.format(split=split)
 
 
 LAYOUTS: dict[str, FolderLayout] = {
     "cityscapes": FolderLayout(
-        "leftImg8bit", "gtFine", "_leftImg8bit.png", "_gtFine_labelIds.png", True, cityscapes_label_map, "val",
+        "leftImg8bit/{split}", "gtFine/{split}", "_leftImg8bit.png", "_gtFine_labelIds.png", True, cityscapes_label_map, "val",
         "a Cityscapes folder holding leftImg8bit/<split>/<city>/<name>_leftImg8bit.png "
         "and gtFine/<split>/<city>/<name>_gtFine_labelIds.png",
     ),
     "ade20k": FolderLayout(
-        "images", "annotations", ".jpg", ".png", False, ade20k_label_map, "validation",
+        "images/{split}", "annotations/{split}", ".jpg", ".png", False, ade20k_label_map, "validation",
         "the ADEChallengeData2016 folder holding images/<split>/ADE_*.jpg and annotations/<split>/ADE_*.png",
+    ),
+    "camvid": FolderLayout(
+        "{split}", "{split}annot", ".png", ".png", False, camvid_label_map, "val",
+        "a CamVid folder (SegNet's 11-class version) holding <split>/*.png and <split>annot/*.png",
     ),
 }
 SPLIT_KEYS = ("train_split", "val_split")
@@ -83,7 +89,7 @@ def folder_dataset(
     num_classes: int | None = None,
     on_bad_sample: str = "error",
 ) -> SegmentationDataset:
-    """One split of ``name`` (``cityscapes`` or ``ade20k``); ``num_classes`` defaults to the dataset's."""
+    """One split of ``name`` (a key of :data:`LAYOUTS`); ``num_classes`` defaults to the dataset's."""
     layout = LAYOUTS[name]
     samples = list_pairs(root, name, split)
     source = f"'{layout.folders(Path(root), split)[0]}'"

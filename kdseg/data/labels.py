@@ -2,7 +2,7 @@
 
 VOC masks hold class indices already (no map). Cityscapes' ``*_gtFine_labelIds.png`` hold
 labelIds (0..33) of which 19 are trained on; ADE20K's annotations hold 0 (unlabelled) and
-1..150. A :class:`LabelMap` is a 256-entry lookup table built once per dataset; a stored value
+1..150; CamVid's (SegNet's 11-class version) hold the classes 0..10 and 11, void. A :class:`LabelMap` is a 256-entry lookup table built once per dataset; a stored value
 that is no label of the dataset maps to :data:`INVALID`, which the sample checks report
 naming the file and the stored value.
 """
@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from kdseg.data.classes import ADE20K_CLASSES, IGNORE_INDEX, cityscapes_labels
+from kdseg.data.classes import ADE20K_CLASSES, CAMVID_CLASSES, IGNORE_INDEX, cityscapes_labels
 
 INVALID = 254
 """What a stored value that is no label of the dataset maps to: neither a class index nor ignored."""
@@ -52,3 +52,14 @@ def ade20k_label_map() -> LabelMap:
     table[1 : n + 1] = np.arange(n)
     table[0] = table[IGNORE_INDEX] = IGNORE_INDEX
     return LabelMap(table, f"ADE20K labels 0..{n} (0 = unlabelled, ignored; or {IGNORE_INDEX}, ignored)")
+
+
+@cache
+def camvid_label_map() -> LabelMap:
+    """0..10 -> themselves, 11 (void) -> ignored (CIRKD's ``dataset/camvid.py`` makes it its ignore
+    label), 255 -> ignored."""
+    n = len(CAMVID_CLASSES)
+    table = np.full(256, INVALID, dtype=np.uint8)
+    table[:n] = np.arange(n)
+    table[n] = table[IGNORE_INDEX] = IGNORE_INDEX
+    return LabelMap(table, f"CamVid labels 0..{n} ({n} = void, ignored; or {IGNORE_INDEX}, ignored)")

@@ -80,7 +80,7 @@ def composed(*args: str) -> tuple[dict, dict]:
 
 def test_sweeps_are_a_config_group_and_files_with_one_source_each():
     """sweeps/X.yaml composes exactly what sweep=X does, and holds no parameters of its own."""
-    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == ["cross_arch", "paper_table", "seeds", "zoo"]
+    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == ["cirkd_table", "cross_arch", "paper_table", "seeds", "zoo"]
     for sweep in SWEEPS:
         group, file = (composed(*FORMS[form](sweep)) for form in ("group", "file"))
         assert group == file, sweep
@@ -91,14 +91,29 @@ def test_sweeps_are_a_config_group_and_files_with_one_source_each():
         "student": "deeplabv3_resnet18,pspnet_resnet18,segformer_b0", "loss": "none,pi_pa,cwd", "seed": "0,1,2"}
 
 
+def test_cirkd_table_runs_under_a_preset():
+    """CIRKD's Cityscapes grid (3 students x none, cwd, ifvd, kd + cirkd x 3 seeds) under experiment=cirkd_cityscapes:
+    the preset's dataset, teacher and recipe, the sweep's grid (in either form)."""
+    grid = {"student": "deeplabv3_resnet18,deeplabv3_mobilenet_v2,pspnet_resnet18", "loss": "none,cwd,ifvd,[kd,cirkd]",
+            "seed": "0,1,2"}
+    for form in FORMS.values():
+        job, params = composed(*form("cirkd_table"), "experiment=cirkd_cityscapes")
+        assert params == grid
+        assert (job["dataset"]["name"], job["teacher"]["model"]["arch"], job["trainer"]["max_iters"]) == ("cityscapes", "DeepLabV3", 40000)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sweep, form", [("paper_table", "group"), ("seeds", "file"), ("zoo", "file")])
+@pytest.mark.parametrize("sweep, form", [("paper_table", "group"), ("seeds", "file"), ("zoo", "file"), ("cirkd_table", "group")])
 def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep, form):
     """Each sweep once, in one of the two forms (both forms compose the same config: the test above)."""
     overrides = {
         "paper_table": ["student=mobilenet_v2,resnet18", "loss=none,pi_pa", "seed=0"],
         "seeds": ["seed=0,1"],
         "zoo": ["loss=none,kd,fitnet", "seed=0"],
+        # the sweep's own loss list (its kd + cirkd element), one student, CIRKD's queues at a smoke size
+        "cirkd_table": ["student=pspnet_resnet18", "seed=0", "loss.terms.cirkd.pixel_memory_size=64",
+                        "loss.terms.cirkd.region_memory_size=16", "loss.terms.cirkd.pixel_contrast_size=64",
+                        "loss.terms.cirkd.region_contrast_size=16"],
     }[sweep]
     # the seeds sweep keeps the default tracking URI, which interpolates ${hydra:runtime.cwd}
     # (the summary callback runs after Hydra has unset its config)
@@ -122,6 +137,11 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep, form):
         assert [row.split(" | ")[1:3] for row in summary[3:6]] == [["-", "-"], ["✓", "-"], ["-", "✓"]]
         assert " (1) |" in summary[4] and " (1) |" in summary[5]
         assert (sweep_dir / "qualitative_resnet18.png").is_file() and (sweep_dir / "gains.png").is_file()
+    if sweep == "cirkd_table":  # the baseline, then cwd, ifvd and kd + cirkd, each paired with it
+        summary = (sweep_dir / "summary.md").read_text().splitlines()
+        assert summary[0].startswith("| model | kd | cwd | ifvd | cirkd | seeds |")
+        assert [row.split(" | ")[1:5] for row in summary[3:7]] == [
+            ["-", "-", "-", "-"], ["-", "✓", "-", "-"], ["-", "-", "✓", "-"], ["✓", "-", "-", "✓"]]
 
 
 @pytest.mark.slow

@@ -286,4 +286,5 @@ def test_cirkd_cityscapes_preset_composes_to_cirkds_recipe(make_cfg):
     assert (cfg.dataset.name, cfg.dataset.crop_size, cfg.dataset.num_classes) == ("cityscapes", 512, 19)
     t = cfg.trainer
     assert (t.max_iters, t.batch_size, t.base_lr, t.base_batch, t.head_lr_mult, t.optimizer.weight_decay) == (40000, 16, 0.02, 16, 1, 1e-4)
-    assert t.epochs * 2975 // t.batch_size >= t.max_iters  # the iteration budget, not the epochs, ends the run
+    assert t.epochs * (2975 // t.batch_size) >= t.max_iters  # the iteration budget, not the epochs, ends the run
+    assert cfg.teacher.train.epochs == t.epochs and cfg.dataset.blur_prob == 0 and t.eval_every == 4

@@ -23,8 +23,9 @@ def test_groups_have_the_documented_options():
     assert {"resnet18", "mobilenet_v2", "deeplabv3_resnet18", "deeplabv3_mobilenet_v2", "pspnet_resnet18", "segformer_b0",
             "upernet_resnet18"} <= set(options("student"))
     assert {"resnet101", "deeplabv3_resnet101", "segformer_b4"} <= set(options("teacher"))
-    assert {"synthetic", "voc", "voc_aug"} <= set(options("dataset"))
+    assert {"synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "camvid"} <= set(options("dataset"))
     assert {"default", "smoke"} <= set(options("trainer"))
+    assert {"sgd", "adamw"} <= set(options("trainer/optimizer"))
 
 
 @pytest.mark.parametrize("option", options("student"))
@@ -116,6 +117,22 @@ def test_trainer_options_instantiate(make_cfg, option):
     assert isinstance(scheduler, PolyLR) and optimizer.defaults["momentum"] == 0.9
 
 
+@pytest.mark.parametrize("option, kind, weight_decay", [("sgd", torch.optim.SGD, 5e-4), ("adamw", torch.optim.AdamW, 1e-2)])
+def test_optimizer_options_instantiate_and_checkpoint(make_cfg, option, kind, weight_decay, tmp_path):
+    """trainer/optimizer=<option> (under trainer=smoke too) builds that optimiser, which the teacher's
+    training shares, and its state dict loads back as a checkpoint does (weights_only)."""
+    cfg = make_cfg(f"trainer/optimizer={option}")
+    validate(cfg)
+    assert cfg.teacher.train.optimizer == cfg.trainer.optimizer and cfg.trainer.max_iters == 2  # smoke's
+    model = torch.nn.Linear(2, 2)
+    optimizer = instantiate(cfg.trainer.optimizer)(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    assert type(optimizer) is kind and optimizer.defaults["weight_decay"] == weight_decay
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    assert torch.load(tmp_path / "optimizer.pt", weights_only=True)["param_groups"][0]["lr"] == 0.1
+
+
 @pytest.mark.parametrize("group", ["logger", "paths", "experiment"])
 def test_other_groups_compose(make_cfg, group, tmp_path):
     """Every option composes into a valid config that sets what the option is for."""
@@ -126,12 +143,53 @@ def test_other_groups_compose(make_cfg, group, tmp_path):
         ("experiment", "paper"): lambda cfg: cfg.trainer.epochs == cfg.teacher.train.epochs == 120 and cfg.dataset.name == "voc",
         ("experiment", "cirkd_cityscapes"): lambda cfg: cfg.dataset.name == "cityscapes" and cfg.student.arch == "DeepLabV3"
         and cfg.teacher.model.arch == "DeepLabV3" and cfg.trainer.max_iters == 40000,
+        **{("experiment", preset): lambda cfg, preset=preset: cfg.dataset.name == RECIPES[preset][0] for preset in RECIPES},
     }
     assert {option for g, option in expected if g == group} == set(options(group))
     for option in options(group):
         cfg = make_cfg(f"{group}={option}", smoke=group != "experiment")
         validate(cfg)
         assert expected[group, option](cfg), option
+
+
+RECIPES = {
+    # preset: dataset, its train images, crop, base size, teacher and student (arch, encoder, output stride),
+    # optimiser, lr for base_batch images, global batch, iterations, weight decay, eval mode and window stride,
+    # evaluation every n epochs; read off CIRKD's training scripts and the defaults of its train_*.py
+    "cirkd_voc": ("voc_aug", 10582, 512, 375, ("DeepLabV3", "resnet101", 8), ("DeepLabV3", "resnet18", 8),
+                  "torch.optim.SGD", 0.02, 16, 40000, 1e-4, ("whole", None), 1),
+    "cirkd_ade20k": ("ade20k", 20210, 512, 512, ("DeepLabV3", "resnet101", 8), ("DeepLabV3", "resnet18", 8),
+                     "torch.optim.SGD", 0.02, 16, 40000, 1e-4, ("whole", None), 1),
+    "cirkd_camvid": ("camvid", 367, 352, 360, ("DeepLabV3", "resnet101", 8), ("DeepLabV3", "resnet18", 8),
+                     "torch.optim.SGD", 0.02, 16, 40000, 1e-4, ("whole", None), 36),
+    "segformer_cityscapes": ("cityscapes", 2975, 1024, 1024, ("Segformer", "mit_b4", None), ("Segformer", "mit_b0", None),
+                             "torch.optim.AdamW", 2e-4, 8, 160000, 1e-4, ("slide", 1024), 2),
+}
+CIRKD_PARTS = {"cirkd_voc": (0.01, 0.01, 20000), "segformer_cityscapes": (0.1, 0.1, 2000)}
+"""The presets that set CIRKD's options as their dataset's scripts do: pixel and region weights, pixel memory."""
+
+
+@pytest.mark.parametrize("preset", sorted(RECIPES))
+def test_experiment_presets_compose_to_cirkds_recipes(make_cfg, preset):
+    data, images, crop, base, teacher, student, optimizer, lr, batch, iters, decay, (mode, stride), every = RECIPES[preset]
+    cfg = make_cfg(f"experiment={preset}", smoke=False)
+    validate(cfg)
+    t, ds, m = cfg.trainer, cfg.dataset, cfg.teacher.model
+    assert (ds.name, ds.crop_size, ds.base_size, list(ds.scale_range), ds.blur_prob) == (data, crop, base, [0.5, 2.0], 0)
+    assert (m.arch, m.encoder_name, m.output_stride) == teacher and m.encoder_weights == "imagenet"
+    assert (cfg.student.arch, cfg.student.encoder_name, cfg.student.output_stride) == student
+    assert cfg.student.encoder_weights == "imagenet"
+    assert (t.optimizer._target_, t.base_lr, t.base_batch, t.batch_size, t.head_lr_mult) == (optimizer, lr, batch, batch, 1)
+    assert (t.max_iters, t.optimizer.weight_decay, t.scheduler.power, t.eval_every) == (iters, decay, 0.9, every)
+    assert "momentum" not in t.optimizer if optimizer.endswith("AdamW") else t.optimizer.momentum == 0.9
+    # the fewest epochs whose iterations (the train loader drops the last partial batch) reach max_iters
+    per_epoch = images // batch
+    assert (t.epochs - 1) * per_epoch < iters <= t.epochs * per_epoch and cfg.teacher.train.epochs == t.epochs
+    assert (cfg.eval.mode, cfg.eval.stride, list(cfg.eval.scales), cfg.eval.flip) == (mode, stride, [1.0], False)
+    assert ds.eval_mode == "full" and (mode == "whole" or list(cfg.eval.crop) == [crop, crop])
+    cirkd = cfg.loss.terms.cirkd
+    assert (cirkd.pixel_weight, cirkd.region_weight, cirkd.pixel_memory_size) == CIRKD_PARTS.get(preset, (0.1, 0.1, 20000))
+    assert cirkd.weight == 0 and set(build_terms(cfg.loss.terms)) == {"pi", "pa"}  # the method is loss=...'s
 
 
 def test_experiment_paper_selects_voc_and_recipe(make_cfg):

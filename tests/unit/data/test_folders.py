@@ -1,4 +1,4 @@
-"""Cityscapes and ADE20K (kdseg.data.folders, labels, classes): folder listing, label maps, class names and palettes, bad files, the check CLI, config.
+"""Cityscapes, ADE20K and CamVid (kdseg.data.folders, labels, classes): folder listing, label maps, class names and palettes, bad files, the check CLI, config.
 
 Each test writes a small folder in the dataset's real layout (odd image sizes, stored mask
 values including the ignored ones) and checks the reader against label maps computed by hand.
@@ -19,12 +19,12 @@ from kdseg.data import build_datasets
 from kdseg.data.__main__ import main as check_main
 from kdseg.data.classes import CLASS_DESIGN, VOC_CLASSES, dataset_classes, voc_palette
 from kdseg.data.folders import folder_dataset
-from kdseg.data.labels import ade20k_label_map, cityscapes_label_map
+from kdseg.data.labels import ade20k_label_map, camvid_label_map, cityscapes_label_map
 from kdseg.errors import ConfigError, DataError, MissingDataError
 from kdseg.report import class_ious
 from kdseg.viz import colorize
 
-from ...real_layouts import CITYSCAPES_MAP, SPLITS, Written
+from ...real_layouts import CAMVID_MAP, CITYSCAPES_MAP, SPLITS, Written, write_dataset
 
 
 def dataset_cfg(make_cfg, data: Written, *overrides: str):
@@ -51,7 +51,16 @@ def test_reader_lists_sorted_pairs_and_maps_labels_by_hand(written, make_cfg) ->
 def test_folder_dataset_defaults_to_the_dataset_classes(written) -> None:
     split = next(iter(SPLITS[written.name]))
     dataset = folder_dataset(written.name, written.root, split)
-    assert dataset.num_classes == {"cityscapes": 19, "ade20k": 150}[written.name] and len(dataset) == 3
+    assert dataset.num_classes == {"cityscapes": 19, "ade20k": 150, "camvid": 11}[written.name] and len(dataset) == 3
+
+
+def test_camvid_test_split_is_read_as_val(make_cfg, tmp_path: Path) -> None:
+    """CIRKD scores its final CamVid models on the test split: dataset.val_split=test reads test/ and testannot/."""
+    data = write_dataset("camvid", tmp_path / "CamVid")
+    _, test = build_datasets(dataset_cfg(make_cfg, data, "dataset.val_split=test").dataset)
+    ((image, mask, expected),) = data.splits["test"]
+    assert test.samples == [(image, mask)] and image.parent.name == "test" and mask.parent.name == "testannot"
+    np.testing.assert_array_equal(test.load(0)[1].numpy(), expected)
 
 
 def test_cityscapes_label_map_is_the_19_train_ids() -> None:
@@ -68,6 +77,13 @@ def test_ade20k_label_map_shifts_by_one() -> None:
     assert table[0] == 255 and table[255] == 255
     assert table[1:151].tolist() == list(range(150))
     assert not ({int(v) for v in table[151:255]} & (set(range(150)) | {255}))
+
+
+def test_camvid_label_map_keeps_the_11_classes_and_ignores_void() -> None:
+    table = camvid_label_map().table
+    assert table[list(CAMVID_MAP)].tolist() == list(CAMVID_MAP.values())
+    assert table[:11].tolist() == list(range(11)) and table[11] == 255 and table[255] == 255
+    assert not ({int(v) for v in table[12:255]} & (set(range(11)) | {255}))
 
 
 # --- class names and palettes -----------------------------------------------------------
@@ -87,6 +103,13 @@ def test_ade20k_classes_and_palette() -> None:
     colours = {tuple(palette[3 * i : 3 * i + 3]) for i in range(150)}
     assert len(palette) == 768 and len(colours) == 150 and (0, 0, 0) not in colours
     assert palette[0:3] == voc_palette()[3:6] and palette[-3:] == [0, 0, 0]
+
+
+def test_camvid_classes_and_palette() -> None:
+    names, palette = dataset_classes("camvid")
+    assert names == ("sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian", "bicyclist")
+    assert len(palette) == 768 and palette[0:3] == [128, 128, 128] and palette[3 * 4 : 3 * 5] == [60, 40, 222]
+    assert palette[3 * 10 : 3 * 11] == [0, 128, 192] and palette[3 * 11 : 3 * 12] == [0, 0, 0] and palette[-3:] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("name", ["voc", "voc_aug"])
@@ -153,8 +176,8 @@ def test_truncated_mask_is_named_when_read(written, make_cfg) -> None:
         val.load(1)
 
 
-BAD_VALUES = {"cityscapes": (34, 40), "ade20k": (151, 200)}  # not a labelId / above 150
-EXPECTED = {"cityscapes": "Cityscapes labelIds 0..33", "ade20k": "ADE20K labels 0..150"}
+BAD_VALUES = {"cityscapes": (34, 40), "ade20k": (151, 200), "camvid": (12, 40)}  # not a labelId / above 150 / above 11
+EXPECTED = {"cityscapes": "Cityscapes labelIds 0..33", "ade20k": "ADE20K labels 0..150", "camvid": "CamVid labels 0..11"}
 
 
 def _write_bad_labels(written: Written) -> Path:
@@ -189,7 +212,8 @@ def test_missing_split_folder_names_it_and_the_layout(written, make_cfg) -> None
     _, mask, _ = written.val[0]
     folder = mask.parent.parent if written.name == "cityscapes" else mask.parent
     shutil.rmtree(folder)
-    hint = "leftImg8bit/<split>/<city>/<name>_leftImg8bit.png" if written.name == "cityscapes" else "images/<split>/ADE_*.jpg"
+    hint = {"cityscapes": "leftImg8bit/<split>/<city>/<name>_leftImg8bit.png", "ade20k": "images/<split>/ADE_*.jpg",
+            "camvid": "<split>/*.png and <split>annot/*.png"}[written.name]
     with pytest.raises(MissingDataError, match=f"split folder '{re.escape(str(folder))}' does not exist .*{re.escape(hint)}"):
         build_datasets(dataset_cfg(make_cfg, written).dataset)
 
@@ -206,7 +230,8 @@ def test_empty_split_folders_are_an_error(written, make_cfg) -> None:
 
 def test_missing_root_names_it_and_the_layout(written, make_cfg, tmp_path: Path) -> None:
     absent = tmp_path / "nowhere"
-    hint = "a Cityscapes folder holding leftImg8bit/" if written.name == "cityscapes" else "the ADEChallengeData2016 folder holding images/"
+    hint = {"cityscapes": "a Cityscapes folder holding leftImg8bit/", "ade20k": "the ADEChallengeData2016 folder holding images/",
+            "camvid": "a CamVid folder"}[written.name]
     with pytest.raises(MissingDataError, match=f"dataset.root '{re.escape(str(absent))}' does not exist \\(expected {hint}"):
         build_datasets(dataset_cfg(make_cfg, Written(written.name, absent, {})).dataset)
     a_file = tmp_path / "a_file"
@@ -231,7 +256,8 @@ def test_check_lists_every_problem(written, tmp_path: Path, capsys, monkeypatch)
 # --- config -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, env, default", [("cityscapes", "CITYSCAPES_ROOT", "cityscapes"), ("ade20k", "ADE20K_ROOT", "ADEChallengeData2016")])
+@pytest.mark.parametrize("name, env, default", [("cityscapes", "CITYSCAPES_ROOT", "cityscapes"), ("ade20k", "ADE20K_ROOT", "ADEChallengeData2016"),
+                                               ("camvid", "CAMVID_ROOT", "CamVid")])
 def test_config_root_from_env_var_and_validates(make_cfg, session_dir: Path, monkeypatch, name: str, env: str, default: str) -> None:
     monkeypatch.delenv(env, raising=False)
     cfg = make_cfg(f"dataset={name}", smoke=False)
@@ -248,6 +274,7 @@ def test_config_root_from_env_var_and_validates(make_cfg, session_dir: Path, mon
         (["dataset=ade20k", "dataset.num_classes=151"], "config dataset.num_classes=151: expected 150, the classes of dataset=ade20k"),
         (["dataset=cityscapes", "student.classes=21"], "config student.classes=21: expected dataset.num_classes=19"),
         (["dataset=cityscapes", "~dataset.val_split"], "config key dataset.val_split is missing"),
+        (["dataset=camvid", "dataset.num_classes=12"], "config dataset.num_classes=12: expected 11, the classes of dataset=camvid"),
     ],
 )
 def test_validation_names_the_key(make_cfg, overrides: list[str], message: str) -> None:
