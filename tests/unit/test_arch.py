@@ -205,7 +205,11 @@ TEACHERS = {"deeplabv3plus_r101": ("DeepLabV3Plus", "resnet101"), "deeplabv3_r10
             "segformer_b2": ("Segformer", "mit_b2")}
 STUDENTS = {"deeplabv3plus_r18": ("DeepLabV3Plus", "resnet18"), "deeplabv3_r18": ("DeepLabV3", "resnet18"),
             "pspnet_r18": ("PSPNet", "resnet18"), "segformer_b0": ("Segformer", "mit_b0"), "upernet_r18": ("UPerNet", "resnet18")}
-TERM_OPTIONS = ["pi", "pa", "kd", "cwd", "at", "fitnet", "dist", "ifvd"]
+TERM_OPTIONS = ["pi", "pa", "kd", "cwd", "at", "fitnet", "dist", "ifvd", "dkd", "aicsd", "bpkd", "cirkd", "afdcd"]
+SMALL_CROP = {"afdcd": ["loss.terms.afdcd.pool_size=2"]}
+"""At a 64 px crop a stride-8 decoder map is 8 x 8: Af-DCD's 4-pooling would leave less than one 4 x 4 patch."""
+SIGNED = {"aicsd"}
+"""Terms that may be negative: AICSD's adaptive weighting adds (a - 1) x cross-entropy, a <= 1."""
 FAST = {("deeplabv3plus_r101", "pspnet_r18", term) for term in ("pa", "fitnet")}
 """What the default run covers: a cross-architecture pair through both roles (pa: encoder, fitnet:
 decoder), the resizing and an adapter; the rest of the matrix is slow-marked."""
@@ -238,14 +242,14 @@ def test_one_training_step_on_every_pair(teacher_key, student_key, option):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=generator)
     masks = torch.randint(0, 5, (2, 64, 64), generator=generator)
-    terms = build_terms(compose_config([f"loss={option}", "dataset.num_classes=5"]).loss.terms)
+    terms = build_terms(compose_config([f"loss={option}", "dataset.num_classes=5", *SMALL_CROP.get(option, [])]).loss.terms)
     distiller = Distiller(student, teacher, terms, input_size=64).train()
     (name, term), = distiller.terms.items()
     total, parts, _ = distiller(images, masks)
     assert torch.isfinite(total) and set(parts) == {"ce", name}
     logits_s, logits_t = student(images), distiller.run_teacher(images)
     loss = term(*distiller._inputs(name, logits_s, logits_t), masks)
-    assert torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(loss) and (loss != 0 if option in SIGNED else loss > 0)
     loss.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads) and all(torch.isfinite(g).all() for g in grads)
