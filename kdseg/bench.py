@@ -52,6 +52,7 @@ from kdseg.config import validate
 from kdseg.data import build_datasets, build_loaders
 from kdseg.data.classes import IGNORE_INDEX
 from kdseg.distill import Distiller, build_terms
+from kdseg.fused.group import TeacherPass
 from kdseg.memory import current_memory, peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.runtime import amp_policy, auto_flag, configure_backends, resolve_device, seed_everything
@@ -92,10 +93,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-ablations", action="store_true", help="skip the one-switch-at-a-time ablations")
     parser.add_argument("--compile", action="store_true", help="also ablate trainer.compile (slow: compiles the student)")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--students", type=int, metavar="N",
+                        help="measure only a fused step of N distilling students with one teacher pass (hydra/launcher=fused) "
+                             "against N separate distillation steps: fused_overhead and fused_speedup")
     parser.add_argument("--memory-child", choices=TRAIN_MODES, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.channels_last=true")
     args = parser.parse_args(argv)
     batches = [args.batch] + [int(b) for b in args.scaling_batches.split(",") if b.strip()]
+    if args.students is not None and args.students < 1:
+        parser.error(f"--students must be 1 or more (got {args.students})")
     if min(batches) < 2:
         parser.error(f"batch sizes must be >= 2 (got {batches}): a training step's BatchNorm in DeepLabV3+'s "
                      "image-pooling branch sees one value per channel at batch 1")
@@ -228,6 +234,74 @@ def step_calls(trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Te
     for mode in TRAIN_MODES:
         calls[mode] = (trainers[mode], lambda t=trainers[mode]: t.train_step(*batch))
     return calls
+
+
+def build_fused(cfg: DictConfig, n: int, device: torch.device, loaders: tuple[DataLoader, DataLoader]) -> tuple[list[Trainer], Callable[[], Any]]:
+    """``n`` distillation trainers sharing one teacher and one teacher pass per batch, as a fused group
+    trains them (:class:`kdseg.fused.group.TeacherPass`), and a function that bumps the batch they are on."""
+    batch = [0]
+    teacher_pass = TeacherPass(lambda: batch[0])
+    teacher = instantiate(cfg.teacher.model)
+    trainers = []
+    for _ in range(n):
+        seed_everything(cfg.seed)
+        model = Distiller(
+            instantiate(cfg.student), teacher, build_terms(cfg.loss.terms), teacher_bn_mode=cfg.teacher.bn_mode,
+            input_size=cfg.dataset.crop_size,
+        )
+        model.teacher_pass = teacher_pass
+        trainers.append(Trainer(
+            model, *loaders, cfg=cfg.trainer, epochs=cfg.trainer.epochs, num_classes=cfg.dataset.num_classes,
+            out_dir=cfg.paths.output_dir, model_config={}, device=device,
+        ))
+        trainers[-1].model.train()
+
+    def next_batch() -> None:
+        batch[0] += 1
+
+    return trainers, next_batch
+
+
+def fused_ratios(t: dict[str, float], n: int) -> dict[str, float]:
+    """How close a fused step of ``n`` students comes to the unavoidable work, and what it saves."""
+    return {
+        "fused_overhead": t["fused"] / (n * t["student"] + t["teacher"]),
+        "fused_speedup": n * t["distill"] / t["fused"],
+    }
+
+
+def bench_fused(
+    args: argparse.Namespace, cfg: DictConfig, device: torch.device, loaders: tuple[DataLoader, DataLoader],
+    trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, Any]:
+    """``--students N``: the fused step of N students against its parts, interleaved as :func:`round_robin` does."""
+    n = args.students
+    fused, next_batch = build_fused(cfg, n, device, loaders)
+    distill = trainers["distill"]
+    images_dev = batch[0].to(distill.device, memory_format=distill.memory_format)
+
+    def teacher() -> None:
+        with distill.autocast():
+            distill.model.run_teacher(images_dev)
+        distill.model.teacher_taps.clear()
+
+    def fused_step() -> None:
+        next_batch()
+        for trainer in fused:
+            trainer.train_step(*batch)
+
+    calls = {"teacher": (distill, teacher), "student": (trainers["student"], lambda: trainers["student"].train_step(*batch)),
+             "distill": (distill, lambda: distill.train_step(*batch)), "fused": (fused[0], fused_step)}
+    t = round_robin(calls, device, args.warmup, args.iterations, args.repeats)
+    result = {"students": n, "ms_per_batch": {name: 1000 * sec for name, sec in t.items()}} | fused_ratios(t, n)
+    rows = [[LABELS.get(name, f"fused step of {n} students (one teacher pass)"), _f(1000 * sec)] for name, sec in t.items()]
+    print(markdown_table(["measurement", "ms/batch"], rows))
+    print(f"\nfused_overhead = t(fused step of {n}) / ({n} * t(student step) + t(teacher inference)) = {result['fused_overhead']:.3f}")
+    print(f"fused_speedup = {n} * t(distillation step) / t(fused step of {n}) = {result['fused_speedup']:.3f}")
+    result["fused_speedup_limit"] = n * t["distill"] / (n * t["student"] + t["teacher"])
+    print(f"fused_speedup at fused_overhead 1.0 (no cost beyond the unavoidable work): {n} * t(distillation step) / "
+          f"({n} * t(student step) + t(teacher inference)) = {result['fused_speedup_limit']:.3f}", flush=True)
+    return result
 
 
 def loader_seconds_per_batch(loader: DataLoader, warmup: int, repeats: int) -> float:
@@ -434,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
     configure_backends(cfg.trainer, device)  # the process-wide switches, as a task sets them when it starts
     loaders = make_loaders(cfg, device)
-    trainers = {mode: build_trainer(cfg, mode, device, loaders) for mode in TRAIN_MODES}
+    trainers = {mode: build_trainer(cfg, mode, device, loaders) for mode in (("student", "distill") if args.students else TRAIN_MODES)}
     batch = random_batch(args.batch, args.crop, cfg.dataset.num_classes, device)
     tr = cfg.trainer
     amp_dtype = trainers["distill"].amp_dtype
@@ -447,6 +521,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"num_workers={tr.num_workers}, pin_memory={auto_flag(tr.pin_memory, device)}, persistent_workers={tr.persistent_workers}"
     )
     print(f"timing: {args.warmup} warm-up calls, then the median of {args.repeats} repeats of {args.iterations} calls\n", flush=True)
+    if args.students is not None:
+        result = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child")} | {"device": str(device)},
+                  "machine": describe_machine(device), "fused": bench_fused(args, cfg, device, loaders, trainers, batch)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+        return result
 
     t = round_robin(step_calls(trainers, batch), device, args.warmup, args.iterations, args.repeats)
     t["loader"] = loader_seconds_per_batch(loaders[0], args.warmup, args.repeats)

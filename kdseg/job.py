@@ -7,7 +7,7 @@ trains a teacher as a job of its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from kdseg.runtime import auto_flag, seed_everything
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit
 from kdseg.train import Trainer
+from kdseg.utils import drain
 
 
 @dataclass
@@ -159,13 +160,46 @@ def fit(
     ``record`` is the flattened training config the checkpoints store (default: the plan's), which
     ``task=eval`` reads back to describe the model.
     """
-    seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
+    return drain(fit_steps(cfg, tracker, model, datasets, plan, device, trainer_cfg=trainer_cfg, epochs=epochs,
+                           model_cfg=model_cfg, seed=seed, record=record))
+
+
+def loaders_for(model: Distiller, datasets: tuple, trainer_cfg: DictConfig, seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The seeded train and val loaders of a training job (:func:`~kdseg.data.build_loaders`), val
+    images padded to a size that fits both networks."""
     networks = (model.student, model.teacher) if model.teacher is not None else (model.student,)
-    train_loader, val_loader = build_loaders(
+    return build_loaders(
         *datasets, trainer_cfg.batch_size, trainer_cfg.num_workers, seed,
         pin_memory=auto_flag(trainer_cfg.pin_memory, device), persistent_workers=trainer_cfg.persistent_workers,
         stride=math.lcm(INPUT_MULTIPLE, *(input_multiple(net) for net in networks)),  # val images fit both networks
     )
+
+
+def fit_steps(
+    cfg: DictConfig,
+    tracker: Tracker,
+    model: Distiller,
+    datasets: tuple,
+    plan: Plan,
+    device: torch.device,
+    *,
+    trainer_cfg: DictConfig,
+    epochs: int,
+    model_cfg: dict,
+    seed: int,
+    record: dict[str, Any] | None = None,
+    loaders: Callable[[Distiller], tuple[Any, DataLoader]] | None = None,
+) -> Generator[Trainer | None, None, FitResult]:
+    """:func:`fit`, paused where :meth:`Trainer.steps <kdseg.train.Trainer.steps>` pauses.
+
+    ``loaders`` gives the model's (train, val) loaders instead of building them (a fused sweep:
+    every member reads one shared train loader, :mod:`kdseg.fused`).
+    """
+    seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
+    if loaders is None:
+        train_loader, val_loader = loaders_for(model, datasets, trainer_cfg, seed, device)
+    else:
+        train_loader, val_loader = loaders(model)
     run_info = {"run_uid": plan.run_uid, "fingerprint": plan.fingerprint, "mlflow_run_id": tracker.run_id,
                 "config": plan.config if record is None else record}
     trainer = Trainer(
@@ -180,7 +214,8 @@ def fit(
         for epoch, metrics in enumerate(trainer.history, start=1):
             if tracker.run_id and epoch not in logged:
                 tracker.log_metrics(metrics, epoch)  # killed between its checkpoint and its log
-    out = trainer.fit()
+    with trainer.stop_signals():
+        out = yield from trainer.steps()
     result = FitResult(out["final_miou"], out["best_miou"], out["history"], out["best_checkpoint"], out["last_checkpoint"], val_loader)
     if cfg.logger.log_checkpoints:
         for path in (result.best_checkpoint, result.last_checkpoint):

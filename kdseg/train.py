@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from kdseg.losses.base import Progress, Term, labelled
 from kdseg.memory import peak_memory, reset_peak_memory
 from kdseg.metrics import ConfusionMatrix
 from kdseg.runtime import amp_policy, auto_flag, resolve_device, rng_state, set_rng_state
+from kdseg.utils import drain
 
 NONFINITE_CHECK_EVERY = 10
 """Iterations between checks for a NaN / inf loss (each check is one device sync)."""
@@ -294,10 +295,14 @@ class Trainer:
         of the position within the epoch is written, from which :meth:`restore` continues bit-exactly.
         """
         with self.stop_signals():
-            return self._fit()
+            return drain(self.steps())
 
-    def _fit(self) -> dict[str, Any]:
+    def steps(self) -> Generator[Trainer | None, None, dict[str, Any]]:
+        """:meth:`fit`'s loop, paused once before the first epoch and after every training step;
+        returns what :meth:`fit` returns. The first pause yields the trainer itself. A fused sweep
+        (:mod:`kdseg.fused`) advances several trainers in turn, one step each, on the same batches."""
         cfg = self.cfg
+        yield self  # ready: restored, nothing trained yet
         reset_peak_memory(self.device)  # memory/peak_mib: this run's peak (CUDA allocated or resident set)
         for epoch in range(self.start_epoch, self.epochs + 1):
             self.model.train()
@@ -337,6 +342,7 @@ class Trainer:
                     self.guard.check(self.stop_note())  # nothing non-finite is saved
                     path = self.save_position(epoch, steps, sums, seen, skipped, void, loader_start)
                     raise self.interrupted(epoch, steps, path)
+                yield
             self.guard.check(self.stop_note())
             elapsed = time.perf_counter() - t0
             sums, counts = dist.reduce_epoch(sums, {"seen": seen, "void": void})

@@ -4,11 +4,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Generator
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=Enum)
+R = TypeVar("R")
+
+
+def drain(steps: Generator[Any, None, R]) -> R:
+    """Run a generator to its end; returns its return value (``return x`` inside it)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,34 @@ def _trainer(make_cfg, *overrides: str, terms: bool = False) -> Trainer:
 
 # ------------------------------------------------------------------ the benchmark itself
 
+def test_bench_students_measures_a_fused_step_and_its_ratios(tmp_path, capsys):
+    """``--students N``: N students train on one teacher pass per batch, and the ratios are the issue's formulas."""
+    out = tmp_path / "fused.json"
+    result = bench.main([*TINY[:4], "--crop", "64", "--batch", "2", "--iterations", "1", "--repeats", "1", "--warmup", "0",
+                         "--students", "2", "--json", str(out), f"paths.data_dir={tmp_path}/data"])
+    text = capsys.readouterr().out
+    ms = result["fused"]["ms_per_batch"]
+    assert set(ms) == {"teacher", "student", "distill", "fused"}
+    assert math.isclose(result["fused"]["fused_overhead"], ms["fused"] / (2 * ms["student"] + ms["teacher"]))
+    assert math.isclose(result["fused"]["fused_speedup"], 2 * ms["distill"] / ms["fused"])
+    assert "fused step of 2 students (one teacher pass)" in text and "fused_overhead = " in text and "fused_speedup = " in text
+    assert json.loads(out.read_text())["fused"]["students"] == 2
+
+
+def test_a_fused_step_runs_the_teacher_once_per_batch_for_every_student(make_cfg):
+    cfg = make_cfg("loss=pi_pa")
+    trainers, next_batch = bench.build_fused(cfg, 3, CPU, ([_batch()], None))
+    teacher = trainers[0].model.teacher
+    assert all(t.model.teacher is teacher for t in trainers)  # one teacher in memory
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch()
+    for _ in range(2):
+        next_batch()
+        losses = [t.train_step(*batch)[1] for t in trainers]
+        assert all(set(parts) == {"ce", "pi", "pa"} for parts in losses)
+    assert len(calls) == 2  # one pass per batch, not per student
+
 @pytest.mark.slow  # ~30 s: a whole bench at tiny size
 def test_bench_runs_at_tiny_size_and_prints_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
