@@ -134,7 +134,7 @@ def bench_config(args: argparse.Namespace) -> DictConfig:
 
 
 def make_loaders(cfg: DictConfig, device: torch.device, **changes: Any) -> tuple[DataLoader, DataLoader]:
-    """Train and val loaders as ``kdseg.job.fit`` builds them (``changes`` override trainer keys)."""
+    """Train and val loaders as ``kdseg.job.fit_steps`` builds them (``changes`` override trainer keys)."""
     tr = OmegaConf.merge(cfg.trainer, changes)
     return build_loaders(
         *build_datasets(cfg.dataset), tr.batch_size, tr.num_workers, cfg.seed,
@@ -220,8 +220,10 @@ def round_robin(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def step_calls(trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple[Trainer, Callable[[], Any]]]:
-    """Teacher inference and the three train steps on one host batch."""
+def step_calls(
+    trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Tensor], modes: Sequence[str] = TRAIN_MODES,
+) -> dict[str, tuple[Trainer, Callable[[], Any]]]:
+    """Teacher inference and the train steps of ``modes`` on one host batch."""
     distill = trainers["distill"]
     images_dev = batch[0].to(distill.device, memory_format=distill.memory_format)
 
@@ -231,7 +233,7 @@ def step_calls(trainers: dict[str, Trainer], batch: tuple[torch.Tensor, torch.Te
         distill.model.teacher_taps.clear()
 
     calls = {"teacher": (distill, teacher)}
-    for mode in TRAIN_MODES:
+    for mode in modes:
         calls[mode] = (trainers[mode], lambda t=trainers[mode]: t.train_step(*batch))
     return calls
 
@@ -277,21 +279,13 @@ def bench_fused(
     """``--students N``: the fused step of N students against its parts, interleaved as :func:`round_robin` does."""
     n = args.students
     fused, next_batch = build_fused(cfg, n, device, loaders)
-    distill = trainers["distill"]
-    images_dev = batch[0].to(distill.device, memory_format=distill.memory_format)
-
-    def teacher() -> None:
-        with distill.autocast():
-            distill.model.run_teacher(images_dev)
-        distill.model.teacher_taps.clear()
 
     def fused_step() -> None:
         next_batch()
         for trainer in fused:
             trainer.train_step(*batch)
 
-    calls = {"teacher": (distill, teacher), "student": (trainers["student"], lambda: trainers["student"].train_step(*batch)),
-             "distill": (distill, lambda: distill.train_step(*batch)), "fused": (fused[0], fused_step)}
+    calls = step_calls(trainers, batch, ("student", "distill")) | {"fused": (fused[0], fused_step)}
     t = round_robin(calls, device, args.warmup, args.iterations, args.repeats)
     result = {"students": n, "ms_per_batch": {name: 1000 * sec for name, sec in t.items()}} | fused_ratios(t, n)
     rows = [[LABELS.get(name, f"fused step of {n} students (one teacher pass)"), _f(1000 * sec)] for name, sec in t.items()]

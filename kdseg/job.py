@@ -34,7 +34,6 @@ from kdseg.runtime import auto_flag, seed_everything
 from kdseg.sweep import current_sweep
 from kdseg.tracking import Tracker, git_commit
 from kdseg.train import Trainer
-from kdseg.utils import drain
 
 
 @dataclass
@@ -140,30 +139,6 @@ def tags_for(config: Mapping[str, Any], *, shared: bool = False) -> dict[str, st
     return model_tags(config) | sweep | {"git_commit": git_commit(Path(__file__).parent)}
 
 
-def fit(
-    cfg: DictConfig,
-    tracker: Tracker,
-    model: Distiller,
-    datasets: tuple,
-    plan: Plan,
-    device: torch.device,
-    *,
-    trainer_cfg: DictConfig,
-    epochs: int,
-    model_cfg: dict,
-    seed: int,
-    record: dict[str, Any] | None = None,
-) -> FitResult:
-    """Build seeded loaders and a Trainer (``trainer_cfg``: the student's ``trainer`` or a teacher's
-    settings), train (or resume) for ``epochs``, and log the run's checkpoints.
-
-    ``record`` is the flattened training config the checkpoints store (default: the plan's), which
-    ``task=eval`` reads back to describe the model.
-    """
-    return drain(fit_steps(cfg, tracker, model, datasets, plan, device, trainer_cfg=trainer_cfg, epochs=epochs,
-                           model_cfg=model_cfg, seed=seed, record=record))
-
-
 def loaders_for(model: Distiller, datasets: tuple, trainer_cfg: DictConfig, seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
     """The seeded train and val loaders of a training job (:func:`~kdseg.data.build_loaders`), val
     images padded to a size that fits both networks."""
@@ -190,10 +165,14 @@ def fit_steps(
     record: dict[str, Any] | None = None,
     loaders: Callable[[Distiller], tuple[Any, DataLoader]] | None = None,
 ) -> Generator[Trainer | None, None, FitResult]:
-    """:func:`fit`, paused where :meth:`Trainer.steps <kdseg.train.Trainer.steps>` pauses.
+    """Build seeded loaders and a Trainer (``trainer_cfg``: the student's ``trainer`` or a teacher's
+    settings), train (or resume) for ``epochs``, and log the run's checkpoints; paused where
+    :meth:`Trainer.steps <kdseg.train.Trainer.steps>` pauses (``drain(fit_steps(...))`` runs it through).
 
-    ``loaders`` gives the model's (train, val) loaders instead of building them (a fused sweep:
-    every member reads one shared train loader, :mod:`kdseg.fused`).
+    ``record`` is the flattened training config the checkpoints store (default: the plan's), which
+    ``task=eval`` reads back to describe the model. ``loaders`` gives the model's (train, val)
+    loaders instead of building them (a fused sweep: every member reads one shared train loader,
+    :mod:`kdseg.fused`).
     """
     seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
     if loaders is None:

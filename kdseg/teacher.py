@@ -21,12 +21,12 @@ from kdseg import dist
 from kdseg.checkpoint import MODEL_DEFAULTS, check_model, load_checkpoint, load_weights, model_config
 from kdseg.distill import Distiller
 from kdseg.errors import ConfigError
-from kdseg.job import FitResult, build, fit, log_skipped, log_speed, tags_for, write_config
+from kdseg.job import FitResult, build, fit_steps, log_skipped, log_speed, tags_for, write_config
 from kdseg.models import count_params, model_name
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import seed_everything
 from kdseg.tracking import Tracker, run_params
-from kdseg.utils import digest
+from kdseg.utils import digest, drain
 
 CACHE_KEY_CHARS = 12
 """Hex digits of a cached teacher's key in its file name (48 bits: the teachers one cache holds do not collide)."""
@@ -107,11 +107,11 @@ def train_teacher(
     name = f"teacher-{model_name(cfg.teacher.model)}-{cfg.dataset.name}"
     with plan.active("teacher", cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, plan.out_dir):
         log_skipped(cfg, tracker, datasets, plan)
-        result = fit(
+        result = drain(fit_steps(
             cfg, tracker, Distiller(teacher), datasets, plan, device,
             trainer_cfg=trainer_config(cfg), epochs=train.epochs, model_cfg=model_config(cfg.teacher.model), seed=train.seed,
             record=record,
-        )
+        ))
         if dist.is_main():
             log_speed(cfg, tracker, {"teacher": teacher}, device)
     print(f"teacher val mIoU {100 * result.final_miou:.2f} -> {result.last_checkpoint}")

@@ -207,6 +207,7 @@ class Trainer:
         self.guard = NonFiniteGuard()
         self.stop_signal: str | None = None
         self.position: dict | None = None  # where a checkpoint written mid-epoch stopped (see save_position)
+        self.prefix = ""  # before each epoch line (a fused sweep names the student it is about)
         self.loader_generator: torch.Generator | None = getattr(train_loader, "generator", None)
 
     @contextmanager
@@ -364,7 +365,7 @@ class Trainer:
                 improved = result["miou"] > self.best_miou
                 self.best_miou = max(self.best_miou, result["miou"])
                 print(
-                    f"epoch {epoch}/{self.epochs}  loss {metrics['train/loss']:.4f}  "
+                    f"{self.prefix}epoch {epoch}/{self.epochs}  loss {metrics['train/loss']:.4f}  "
                     f"val mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}  ({elapsed:.0f}s)",
                     flush=True,
                 )

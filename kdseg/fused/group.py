@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdseg.data import build_datasets, build_loaders
-from kdseg.distill import Distiller, build_terms
+from kdseg.distill import Distiller, active_terms, build_terms, term_label
 from kdseg.errors import ConfigError
 from kdseg.fused.feed import MemberBatches, SharedBatches, SharedVal, global_rng, same_rng, set_global_rng
 from kdseg.job import build, loaders_for
@@ -168,6 +168,12 @@ def carry_draws(fetcher: Member, members: Sequence[Member], drawn: tuple[tuple, 
         other.rng = after
 
 
+def member_label(cfg: DictConfig) -> str:
+    """``resnet18 pi+pa seed 0``: which job an epoch line of a fused group is about."""
+    weights = {name: node.weight for name, node in cfg.loss.terms.items()}
+    return f"{model_name(cfg.student)} {term_label(active_terms(weights))} seed {cfg.seed}"
+
+
 def run_group(cfgs: Sequence[DictConfig], device: torch.device, val_cache_mib: float = 2048) -> list[Member]:
     """Train the jobs ``cfgs`` (resolved configs that agree on :func:`group_key`) together; returns the
     members, each with its final val mIoU (``result``) or the exception it failed with.
@@ -189,6 +195,8 @@ def run_group(cfgs: Sequence[DictConfig], device: torch.device, val_cache_mib: f
     try:
         for member in members:  # set up as a run of its own, restore, stop before the first epoch
             member.trainer = member.advance()
+            if member.trainer is not None:
+                member.trainer.prefix = f"[{member_label(member.cfg)}] "
         # members resumed from different points train separately (each set in step with itself)
         starts: dict[tuple, list[Member]] = {}
         for member in members:

@@ -114,7 +114,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     setup_globals()
     config, max_students = launcher.config, launcher.max_students
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     with reported():
         if max_students < 1:
             raise ConfigError(f"hydra.launcher.max_students={max_students}: expected 1 or more students per group")
@@ -129,6 +128,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 validate(job.resolved)
             except KdsegError as err:
                 raise ConfigError(f"job #{job.idx} ({' '.join(filter_overrides(job.overrides))}): {one_line(err)}") from None
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     returns: dict[int, JobReturn] = {}
     for job in jobs:
         miou = job.finished() if job.fusable else None

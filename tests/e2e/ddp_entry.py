@@ -1,6 +1,6 @@
 """``run.py`` for the torchrun test: the real entry point, plus a dump of each rank's trained student.
 
-After every ``Trainer.steps`` (the training loop, which ``Trainer.fit`` and ``kdseg.job.fit`` run) the process writes its student's state dict to
+After every ``Trainer.steps`` (the training loop, which ``Trainer.fit`` and ``kdseg.job.fit_steps`` run) the process writes its student's state dict to
 ``$KDSEG_TEST_DUMP/rank<R>-<run folder name>.pt`` so the test can compare the replicas.
 """
 import os

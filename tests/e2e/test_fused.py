@@ -20,7 +20,7 @@ import kdseg.train
 from kdseg.errors import ConfigError, TrainingInterrupted
 from kdseg.fused.feed import SharedVal, global_rng
 from kdseg.fused.group import Member, carry_draws, group_key, run_group
-from kdseg.fused.launch import batches
+from kdseg.fused.launch import batches, launch
 from kdseg.resume import read_run
 from kdseg.runtime import resolve_device
 from kdseg.tasks import run
@@ -50,14 +50,18 @@ def compared(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in epoch.items() if not k.startswith(NOT_COMPARED)} for epoch in history]
 
 
-def test_a_fused_group_trains_each_member_exactly_as_it_trains_alone(tmp_path, session_dir):
+def test_a_fused_group_trains_each_member_exactly_as_it_trains_alone(tmp_path, session_dir, capsys):
     """Three settings run alone, then as one fused group: equal weights, adapters, optimizer states,
     RNG states, per-epoch metrics and MLflow metric histories."""
     for name in SETTINGS:
         run(member_cfg(tmp_path, session_dir, name, "alone"))
     cfgs = [member_cfg(tmp_path, session_dir, name, "fused") for name in SETTINGS]
+    capsys.readouterr()
     members = run_group(cfgs, resolve_device("cpu"))
     assert [m.failed for m in members] == [False, False, False], [m.result for m in members]
+    epochs = [line.split("  loss")[0] for line in capsys.readouterr().out.splitlines() if "  loss " in line]
+    assert epochs == [f"[{student} {label} seed 0] epoch {e}/2" for e in (1, 2)
+                      for student, label in (("resnet18", "none"), ("resnet18", "pi+pa"), ("pspnet-resnet18", "fitnet"))]
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("kdseg").experiment_id])}
@@ -123,17 +127,18 @@ def test_a_step_that_draws_random_numbers_with_loader_draws_in_the_same_stream_i
         carry_draws(fetcher, [fetcher, drew], (before, after))
 
 
-def test_fused_launcher_composes_and_refuses_several_processes(monkeypatch):
-    from kdseg.fused.launch import launch
-
+def test_fused_launcher_composes_and_refuses_several_processes(monkeypatch, tmp_path):
+    overrides = ["hydra/launcher=fused", "hydra.launcher.max_students=3", f"hydra.sweep.dir={tmp_path}/sweep"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=fused", "hydra.launcher.max_students=3"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.kdseg_fused_launcher.fused_launcher.FusedLauncher"
     assert cfg.hydra.launcher.max_students == 3
+    with pytest.raises(SystemExit, match=r"^error: hydra.launcher.max_students=0: expected 1 or more students per group$"):
+        launch(SimpleNamespace(config=cfg, max_students=0), [["seed=0"]], 0)
     monkeypatch.setattr(kdseg.dist, "launched_distributed", lambda: True)  # (as under torchrun)
-    launcher = SimpleNamespace(config=cfg, max_students=3)
     with pytest.raises(SystemExit, match=r"^error: hydra/launcher=fused trains a group's students in one process; under torchrun"):
-        launch(launcher, [["seed=0"]], 0)
+        launch(SimpleNamespace(config=cfg, max_students=3), [["seed=0"]], 0)
+    assert not (tmp_path / "sweep").exists()  # refused before anything is written
 
 
 @pytest.mark.slow
