@@ -313,7 +313,7 @@ def loader_seconds_per_batch(loader: DataLoader, warmup: int, repeats: int) -> f
 
 
 def eval_seconds_per_image(trainer: Trainer, loader: DataLoader, warmup: int, repeats: int) -> float:
-    """Median seconds per image of ``evaluate`` over the val loader, as ``Trainer.fit`` calls it."""
+    """Median seconds per image of ``evaluate`` over the val loader, as ``Trainer.steps`` calls it."""
     times = []
     for i in range(max(warmup, 1) + repeats):
         t0 = time.perf_counter()

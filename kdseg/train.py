@@ -1,6 +1,7 @@
 """The training loop: SGD with 1x / 10x parameter groups, poly lr per iteration, AMP, eval, checkpoints.
 
-Read it top to bottom: ``Trainer.fit`` is one loop over epochs and batches.
+Read it top to bottom: ``Trainer.steps`` is one loop over epochs and batches (``Trainer.fit`` runs it
+through; a fused sweep advances several trainers' loops one step each in turn).
 """
 from __future__ import annotations
 
