@@ -142,14 +142,17 @@ def make_loaders(cfg: DictConfig, device: torch.device, **changes: Any) -> tuple
     )
 
 
-def build_trainer(cfg: DictConfig, mode: str, device: torch.device, loaders: tuple[DataLoader, DataLoader]) -> Trainer:
-    """A Trainer around the Distiller of ``mode`` (student | distill | reference), in train mode."""
+def build_trainer(
+    cfg: DictConfig, mode: str, device: torch.device, loaders: tuple[DataLoader, DataLoader], teacher: torch.nn.Module | None = None,
+) -> Trainer:
+    """A Trainer around the Distiller of ``mode`` (student | distill | reference), in train mode
+    (``teacher``: one already built, shared with other trainers)."""
     seed_everything(cfg.seed)
     student = instantiate(cfg.student)
     if mode == "student":
         model = Distiller(student)
     else:
-        teacher, terms = instantiate(cfg.teacher.model), build_terms(cfg.loss.terms)
+        teacher, terms = teacher if teacher is not None else instantiate(cfg.teacher.model), build_terms(cfg.loss.terms)
         size = cfg.dataset.crop_size
         if mode == "distill":
             model = Distiller(student, teacher, terms, teacher_bn_mode=cfg.teacher.bn_mode, teacher_grad=cfg.teacher.grad, input_size=size)
@@ -244,19 +247,9 @@ def build_fused(cfg: DictConfig, n: int, device: torch.device, loaders: tuple[Da
     batch = [0]
     teacher_pass = TeacherPass(lambda: batch[0])
     teacher = instantiate(cfg.teacher.model)
-    trainers = []
-    for _ in range(n):
-        seed_everything(cfg.seed)
-        model = Distiller(
-            instantiate(cfg.student), teacher, build_terms(cfg.loss.terms), teacher_bn_mode=cfg.teacher.bn_mode,
-            input_size=cfg.dataset.crop_size,
-        )
-        model.teacher_pass = teacher_pass
-        trainers.append(Trainer(
-            model, *loaders, cfg=cfg.trainer, epochs=cfg.trainer.epochs, num_classes=cfg.dataset.num_classes,
-            out_dir=cfg.paths.output_dir, model_config={}, device=device,
-        ))
-        trainers[-1].model.train()
+    trainers = [build_trainer(cfg, "distill", device, loaders, teacher=teacher) for _ in range(n)]
+    for trainer in trainers:
+        trainer.model.teacher_pass = teacher_pass
 
     def next_batch() -> None:
         batch[0] += 1

@@ -14,39 +14,23 @@ the streams' states before and after the fetch, for the group to carry over to t
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-
-def global_rng() -> tuple:
-    """The process's global random streams (Python, NumPy, torch CPU and CUDA), as they are."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+from kdseg.runtime import rng_state
 
 
-def set_global_rng(state: tuple) -> None:
-    """Set what :func:`global_rng` read."""
-    python, numpy, cpu, cuda = state
-    random.setstate(python)
-    np.random.set_state(numpy)
-    torch.set_rng_state(cpu)
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def same_rng(a: tuple, b: tuple) -> bool:
-    """Whether two :func:`global_rng` states are equal."""
-    (py_a, np_a, cpu_a, cuda_a), (py_b, np_b, cpu_b, cuda_b) = a, b
+def same_rng(a: dict, b: dict) -> bool:
+    """Whether two :func:`~kdseg.runtime.rng_state` readings of the global streams are equal."""
+    (py_a, np_a), (py_b, np_b) = (a["python"], a["numpy"]), (b["python"], b["numpy"])
     return (
         py_a == py_b
-        and np_a[0] == np_b[0] and np.array_equal(np_a[1], np_b[1]) and tuple(np_a[2:]) == tuple(np_b[2:])
-        and torch.equal(cpu_a, cpu_b)
-        and len(cuda_a) == len(cuda_b) and all(torch.equal(x, y) for x, y in zip(cuda_a, cuda_b))
+        and np_a[0] == np_b[0] and torch.equal(np_a[1], np_b[1]) and np_a[2:] == np_b[2:]
+        and torch.equal(a["torch"], b["torch"])
+        and len(a["cuda"]) == len(b["cuda"]) and all(torch.equal(x, y) for x, y in zip(a["cuda"], b["cuda"]))
     )
 
 
@@ -56,7 +40,7 @@ class SharedBatches:
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
         self.fetches = 0  # batches fetched so far: identifies the batch the members are on
-        self.drawn: tuple[tuple, tuple] | None = None  # global RNG (before, after) the latest fetch, if it drew
+        self.drawn: tuple[dict, dict] | None = None  # global RNG (before, after) the latest fetch, if it drew
         self._epoch = 0
         self._index = -1
         self._start: torch.Tensor | None = None
@@ -76,11 +60,11 @@ class SharedBatches:
         if index == 0 and not torch.equal(member.generator.get_state(), self._start):
             raise RuntimeError("fused members out of step: their loaders' generators differ at the start of an epoch")
         if index == self._index + 1:
-            before = global_rng()
+            before = rng_state()
             if self._iter is None:
                 self._iter = iter(self.loader)
             self._batch = next(self._iter)
-            after = global_rng()
+            after = rng_state()
             self.drawn = None if same_rng(before, after) else (before, after)
             self._index, self._after = index, self.loader.generator.get_state()
             self.fetches += 1
@@ -135,6 +119,9 @@ class SharedVal:
         for batch in self.loader:
             if kept is not None:
                 size += sum(t.numel() * t.element_size() for t in batch)
-                kept = kept + [batch] if size <= self.budget else None
+                if size <= self.budget:
+                    kept.append(batch)
+                else:
+                    kept = None
             yield batch
         self.kept = kept  # (a pass stopped early, as a figure's first batch, keeps nothing)

@@ -22,13 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdseg.data import build_datasets, build_loaders
+from kdseg.data import build_datasets
 from kdseg.distill import Distiller, active_terms, build_terms, term_label
 from kdseg.errors import ConfigError
-from kdseg.fused.feed import MemberBatches, SharedBatches, SharedVal, global_rng, same_rng, set_global_rng
+from kdseg.fused.feed import MemberBatches, SharedBatches, SharedVal, same_rng
 from kdseg.job import build, loaders_for
 from kdseg.models import load_pretrained, model_name
-from kdseg.runtime import auto_flag
+from kdseg.runtime import rng_state, set_rng_state
 from kdseg.tasks.distill import distill
 from kdseg.teacher import get_teacher
 from kdseg.tracking import Tracker
@@ -77,14 +77,10 @@ class Group:
             self._val[stride] = SharedVal(val, self.val_cache_mib)
         return MemberBatches(len(train), self.cfg.seed), self._val[stride]
 
-    def new_feed(self) -> SharedBatches:
-        """A fresh shared train loader (seeded as a run's own) for members that start at the same point."""
-        trainer = self.cfg.trainer  # train crops fit every network: no padding stride to choose
-        train, _ = build_loaders(
-            *self.datasets, trainer.batch_size, trainer.num_workers, self.cfg.seed,
-            pin_memory=auto_flag(trainer.pin_memory, self.device), persistent_workers=trainer.persistent_workers,
-        )
-        self.feed = SharedBatches(train)
+    def new_feed(self, model: Distiller) -> SharedBatches:
+        """A fresh shared train loader (seeded as a run's own, :func:`~kdseg.job.loaders_for` of a
+        member's ``model``: train crops fit every member's networks) for members that start at the same point."""
+        self.feed = SharedBatches(loaders_for(model, self.datasets, self.cfg.trainer, self.cfg.seed, self.device)[0])
         return self.feed
 
 
@@ -115,7 +111,7 @@ class Member:
 
     cfg: DictConfig
     steps: Generator | None
-    rng: tuple | None = None
+    rng: dict | None = None
     trainer: Trainer | None = None
     result: Any = None
     done: bool = False
@@ -124,7 +120,7 @@ class Member:
     def advance(self) -> Any:
         """One turn: the member's job runs to its next pause with the member's random streams."""
         if self.rng is not None:
-            set_global_rng(self.rng)
+            set_rng_state(self.rng)
         try:
             return next(self.steps)
         except StopIteration as stop:
@@ -132,7 +128,7 @@ class Member:
         except Exception as err:  # this member fails; the others go on
             self.finish(err, failed=True)
         finally:
-            self.rng = global_rng()
+            self.rng = rng_state()
         return None
 
     def fail(self, err: Exception) -> None:
@@ -148,7 +144,7 @@ class Member:
         self.result, self.done, self.failed, self.steps, self.trainer = result, True, failed, None, None
 
 
-def carry_draws(fetcher: Member, members: Sequence[Member], drawn: tuple[tuple, tuple]) -> None:
+def carry_draws(fetcher: Member, members: Sequence[Member], drawn: tuple[dict, dict]) -> None:
     """The loader drew from the global streams while ``fetcher`` fetched a batch: every other member's
     own loader would have drawn the same from its streams, which a member can only match if its
     streams were where the fetcher's were (its steps drew as much as the fetcher's: the same
@@ -215,7 +211,7 @@ def run_group(cfgs: Sequence[DictConfig], device: torch.device, val_cache_mib: f
 
 def train_together(group: Group, members: list[Member]) -> None:
     """Advance ``members`` one step each in turn, on the batches of one shared loader, until all are done."""
-    feed = group.new_feed()
+    feed = group.new_feed(members[0].trainer.model)
     for member in members:
         member.trainer.train_loader.shared = feed
     active = list(members)

@@ -18,11 +18,11 @@ from mlflow.tracking import MlflowClient
 import kdseg.dist
 import kdseg.train
 from kdseg.errors import ConfigError, TrainingInterrupted
-from kdseg.fused.feed import SharedVal, global_rng
+from kdseg.fused.feed import SharedVal
 from kdseg.fused.group import Member, carry_draws, group_key, run_group
 from kdseg.fused.launch import batches, launch
 from kdseg.resume import read_run
-from kdseg.runtime import resolve_device
+from kdseg.runtime import resolve_device, rng_state
 from kdseg.tasks import run
 
 from ..conftest import CONF_DIR, ROOT, SMOKE, compose_config
@@ -114,14 +114,14 @@ def test_a_step_that_draws_random_numbers_with_loader_draws_in_the_same_stream_i
     where the fetching member's was would have seen other augmentations alone: one ConfigError naming the fix."""
     cfg = compose_config(["trainer=smoke", "student=segformer_b0", "paths.root_dir=/r", "paths.output_dir=/r/out"])
     torch.manual_seed(0)
-    before = global_rng()
+    before = rng_state()
     torch.rand(3)
-    after = global_rng()
+    after = rng_state()
     fetcher, clean, drew = (Member(cfg, steps=None, rng=before) for _ in range(3))
     torch.rand(1)
-    drew.rng = global_rng()
+    drew.rng = rng_state()
     carry_draws(fetcher, [fetcher, clean], (before, after))
-    assert torch.equal(clean.rng[2], after[2])  # the member that did not draw follows the loader's draws
+    assert torch.equal(clean.rng["torch"], after["torch"])  # the member that did not draw follows the loader's draws
     with pytest.raises(ConfigError, match=r"drew from it differently \(dropout or drop path: the segformer-mit_b0 student of /r/out "
                                           r"against the segformer-mit_b0 student of /r/out\); set trainer.num_workers=1 or more"):
         carry_draws(fetcher, [fetcher, drew], (before, after))
