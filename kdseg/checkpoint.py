@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +47,54 @@ def checkpoint_model(ckpt: dict) -> dict:
     return MODEL_DEFAULTS | ckpt["model"]
 
 
+class Upload(str, Enum):
+    """``logger.log_checkpoints``: which checkpoints a run copies into MLflow (the run folder keeps them all)."""
+
+    student = "student"  # best_student.pt: the best epoch's student weights and model config only
+    all = "all"  # best.pt and last.pt: full training states (optimizer, terms, RNG), as in the run folder
+    none = "none"
+
+
+def save_student(path: str | os.PathLike, ckpt: dict) -> Path:
+    """The student alone from a training checkpoint ``ckpt``: its weights and the model config that
+    rebuilds them, nothing else (no optimizer state, no distillation adapters, no metrics).
+    :func:`load_model` and ``torch.load(weights_only=True)`` read it."""
+    model = {key: ckpt["model"][key] for key in MODEL_KEYS if key in ckpt["model"]}
+    return save_checkpoint(path, state_dict=ckpt["state_dict"], model=model)
+
+
 def previous_path(path: str | os.PathLike) -> Path:
     """Where :func:`save_checkpoint` keeps the file it replaced: ``last.pt`` -> ``last.prev.pt``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **content: Any) -> Path:
+def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, same_as: str | os.PathLike | None = None,
+                    **content: Any) -> Path:
     """``torch.save`` to a temporary sibling, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the old or the new file, never a partial one. With
     ``keep_previous`` the replaced file becomes :func:`previous_path` first. A full disk (or a
     quota, or a file-size limit) is a :class:`DiskFullError` naming the file, the free space and
     the size needed; the temporary file is removed and the previous checkpoint left as it was.
+
+    ``same_as``: an already written checkpoint with exactly this content (``content`` is then not
+    given): ``path`` becomes a hard link to it (a copy where the file system has no hard links).
+    Checkpoints are only ever replaced by renaming, never written in place, so the two names stay
+    independent: replacing one later leaves the other as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(content, f)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.unlink(missing_ok=True)
+        if same_as is not None:
+            _link_or_copy(Path(same_as), tmp)
+        else:
+            with open(tmp, "wb") as f:
+                torch.save(content, f)
+                f.flush()
+                os.fsync(f.fileno())
         if keep_previous and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
@@ -79,6 +106,19 @@ def save_checkpoint(path: str | os.PathLike, keep_previous: bool = False, **cont
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source``, or a synced copy of it where links are not possible."""
+    try:
+        os.link(source, target)
+    except OSError as err:
+        if _out_of_space(err):
+            raise
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
 
 
 def _out_of_space(err: BaseException | None) -> bool:

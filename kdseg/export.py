@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from kdseg.checkpoint import MODEL_KEYS, load_model, save_checkpoint
+from kdseg.checkpoint import load_model, save_student
 from kdseg.errors import ConfigError, ExportError, reported
 from kdseg.models import count_params
 from kdseg.profile import check_input_size
@@ -110,11 +110,7 @@ def export(
     height, width = check_input_size(model, export_size(ckpt, height, width))
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     stem = checkpoint.stem
-    student_path = save_checkpoint(
-        out_dir / f"{stem}_student.pt",
-        state_dict=model.state_dict(),
-        model={key: ckpt["model"][key] for key in MODEL_KEYS if key in ckpt["model"]},
-    )
+    student_path = save_student(out_dir / f"{stem}_student.pt", ckpt)
     reference, _ = load_model(student_path)
     onnx_path = out_dir / f"{stem}.onnx"
     tmp = out_dir / f".{stem}.tmp{os.getpid()}.onnx"

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdseg import dist
-from kdseg.checkpoint import load_checkpoint
+from kdseg.checkpoint import Upload, load_checkpoint, save_student
 from kdseg.data import build_loaders
 from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import OnBadSample
@@ -196,9 +196,13 @@ def fit_steps(
     with trainer.stop_signals():
         out = yield from trainer.steps()
     result = FitResult(out["final_miou"], out["best_miou"], out["history"], out["best_checkpoint"], out["last_checkpoint"], val_loader)
-    if cfg.logger.log_checkpoints:
+    upload = Upload(cfg.logger.log_checkpoints)
+    if upload == Upload.all:
         for path in (result.best_checkpoint, result.last_checkpoint):
             tracker.log_artifact(path, "checkpoints")
+    elif upload == Upload.student and tracker.enabled and tracker.run_id and result.best_checkpoint.is_file():
+        best = result.best_checkpoint
+        tracker.log_artifact(save_student(best.with_name(f"{best.stem}_student.pt"), load_checkpoint(best)), "checkpoints")
     return result
 
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from kdseg.checkpoint import Upload
 from kdseg.data.classes import DATASET_NAMES
 from kdseg.data.dataset import OnBadSample
 from kdseg.data.synthetic import MIN_SIZE
@@ -209,7 +210,7 @@ class LoggerConf:
     tracking_uri: str = MISSING
     experiment_name: str = MISSING
     run_name: Optional[str] = MISSING
-    log_checkpoints: bool = MISSING
+    log_checkpoints: Upload = MISSING
     retries: int = at_least(0)
     retry_wait_s: float = non_negative()
 

@@ -372,9 +372,8 @@ class Trainer:
                 )
             metrics["memory/peak_mib"] = peak_memory(self.device)
             self.history.append(metrics)
-            if improved:
-                self.save("best.pt", epoch)
-            self.save("last.pt", epoch, keep_previous=True)
+            best = self.save("best.pt", epoch) if improved else None
+            self.save("last.pt", epoch, keep_previous=True, same_as=best)  # the same state: a link to best.pt
             self.log(metrics, epoch)
             if epoch < self.epochs and self.stop_requested():
                 raise self.interrupted(epoch, 0, self.out_dir / "last.pt")
@@ -457,15 +456,18 @@ class Trainer:
         }
         return self.save("last.pt", epoch - 1, keep_previous=True, position=position)
 
-    def save(self, name: str, epoch: int, keep_previous: bool = False, **extra: Any) -> Path:
+    def save(self, name: str, epoch: int, keep_previous: bool = False, same_as: Path | None = None, **extra: Any) -> Path:
         """Write a checkpoint that ``kdseg.checkpoint.load_model`` can rebuild and :meth:`restore` continue (rank 0 only).
 
         Under DDP it holds every rank's RNG states (``rng_ranks``), so each rank resumes its own streams.
-        ``extra``: more content (a mid-epoch checkpoint's ``position``).
+        ``extra``: more content (a mid-epoch checkpoint's ``position``). ``same_as``: a checkpoint
+        just written from this same state (this epoch's ``best.pt``), linked instead of written again.
         """
         rngs = dist.gather_objects(rng_state(self.train_loader.generator))
         if not dist.is_main():
             return self.out_dir / name
+        if same_as is not None:
+            return save_checkpoint(self.out_dir / name, keep_previous=keep_previous, same_as=same_as)
         result = self.last_result
         metrics = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"], "epoch": epoch} if result else {}
         return save_checkpoint(

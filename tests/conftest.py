@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 SMOKE = [
     "trainer=smoke", "dataset.num_train=16", "dataset.num_val=8", "dataset.image_size=64", "speed.repeats=2", "speed.warmup=1",
-    "logger.log_checkpoints=false",  # each test run's checkpoints stay in its folder, not copied into MLflow (disk)
+    "logger.log_checkpoints=none",  # each test run's checkpoints stay in its folder, not copied into MLflow (disk)
 ]
 
 

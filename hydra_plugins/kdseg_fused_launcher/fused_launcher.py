@@ -1,7 +1,7 @@
 """Hydra launcher plugin ``hydra/launcher=fused``: a sweep's distillation jobs that read the same
 batches and the same teacher train together, one teacher pass per batch (see :mod:`kdseg.fused`).
 
-    python run.py -m sweep=zoo hydra/launcher=fused [hydra.launcher.max_students=8]
+    python run.py -m sweep=zoo hydra/launcher=fused [hydra.launcher.max_students=16]
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 @dataclass
 class FusedLauncherConf:
     _target_: str = "hydra_plugins.kdseg_fused_launcher.fused_launcher.FusedLauncher"
-    max_students: int = 8  # students trained together at most (each holds its weights and optimizer state)
+    max_students: int = 16  # students trained together at most (each holds its weights and optimizer state)
     val_cache_mib: float = 2048  # decoded val batches a group keeps for its members' evaluations (over it: decoded per evaluation)
 
 
@@ -24,7 +24,7 @@ ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLau
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, max_students: int = 8, val_cache_mib: float = 2048) -> None:
+    def __init__(self, max_students: int = 16, val_cache_mib: float = 2048) -> None:
         self.max_students, self.val_cache_mib = max_students, val_cache_mib
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None

@@ -25,7 +25,7 @@ from ..real_layouts import FIRST_CLASS, Written
 def dataset_cfg(make_cfg, data: Written, *overrides: str):
     """The composed config for ``data`` at 64 px crops (trainer=smoke), its speed measured at 64 x 64."""
     sizes = ("dataset.base_size=64", "dataset.crop_size=64", "dataset.eval_size=[64,64]", "speed.repeats=2", "speed.warmup=1",
-             "logger.log_checkpoints=false")
+             "logger.log_checkpoints=none")
     return make_cfg("trainer=smoke", f"dataset={data.name}", f"dataset.root={data.root}", *sizes, *overrides, smoke=False)
 
 

@@ -122,7 +122,7 @@ def test_parallel_sweep_logs_every_run_to_one_mlflow_server(tmp_path, session_di
     url, store = mlflow_server
     cmd = [
         sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
-        *SMOKE, "logger.log_checkpoints=true", f"paths.data_dir={session_dir}/data", f"paths.cache_dir={tmp_path}/cache",
+        *SMOKE, "logger.log_checkpoints=all", f"paths.data_dir={session_dir}/data", f"paths.cache_dir={tmp_path}/cache",
         f"logger.tracking_uri={url}", f"hydra.sweep.dir={tmp_path}/multirun",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)

@@ -26,7 +26,7 @@ SMALL = [
     "trainer=smoke", "trainer.epochs=1", "trainer.max_iters=2", "trainer.batch_size=2", "trainer.eval_every=1",
     "teacher.train.epochs=1", "dataset.base_size=64", "dataset.crop_size=64", "dataset.eval_size=[64,64]",
     "student.encoder_weights=null", "teacher.model.encoder_weights=null", "speed.repeats=2", "speed.warmup=1",
-    "logger.log_checkpoints=false", "loss.terms.cirkd.pixel_memory_size=64", "loss.terms.cirkd.region_memory_size=16",
+    "logger.log_checkpoints=none", "loss.terms.cirkd.pixel_memory_size=64", "loss.terms.cirkd.region_memory_size=16",
     "loss.terms.cirkd.pixel_contrast_size=64", "loss.terms.cirkd.region_contrast_size=16",
 ]
 

@@ -27,7 +27,7 @@ def mlflow_run(cfg, run_name: str):
 
 
 def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
-    cfg = make_cfg("student=resnet18", "loss.pi_lambda=100", "logger.run_name=e2e-distill", "logger.log_checkpoints=true")
+    cfg = make_cfg("student=resnet18", "loss.pi_lambda=100", "logger.run_name=e2e-distill", "logger.log_checkpoints=all")
     miou = run(cfg)
     assert 0.0 <= miou <= 1.0
     out = tmp_path / "out"
@@ -61,6 +61,26 @@ def test_distill_smoke_run_logs_everything(make_cfg, tmp_path):
     artifacts |= {a.path for a in client.list_artifacts(mrun.info.run_id, "checkpoints")}
     assert {"predictions.png", "per_class_iou.md", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"} <= artifacts
     assert mrun.info.status == "FINISHED"
+
+
+def test_default_upload_is_the_best_student_alone(make_cfg, tmp_path):
+    """logger.log_checkpoints=student (the default): one checkpoint in MLflow, the best epoch's
+    student weights; the run folder keeps the full states, last.pt a link to best.pt when the last
+    epoch was the best."""
+    cfg = make_cfg("loss=kd", "logger.run_name=e2e-upload", "logger.log_checkpoints=student", "trainer.epochs=2", "trainer.max_iters=null")
+    run(cfg)
+    out = tmp_path / "out"
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 2 and (out / "last.pt").samefile(out / "best.pt") == (best["epoch"] == 2)
+    assert "optimizer" in best and "optimizer" in last
+    client, mrun = mlflow_run(cfg, "e2e-upload")
+    uploaded = [a.path for a in client.list_artifacts(mrun.info.run_id, "checkpoints")]
+    assert uploaded == ["checkpoints/best_student.pt"]
+    local = client.download_artifacts(mrun.info.run_id, "checkpoints/best_student.pt", str(tmp_path))
+    student = torch.load(local, weights_only=True)
+    assert set(student) == {"state_dict", "model"}
+    assert all(torch.equal(value, best["state_dict"][key]) for key, value in student["state_dict"].items())
+    assert student["state_dict"].keys() == best["state_dict"].keys()
 
 
 def test_teacher_is_cached_and_reused(make_cfg, capsys):

@@ -7,7 +7,9 @@ from smp and pinned so the README's parameter counts stay true.
 from __future__ import annotations
 
 import copy
+import errno
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdseg.checkpoint import load_checkpoint, load_model, previous_path, save_checkpoint
+from kdseg.checkpoint import load_checkpoint, load_model, previous_path, save_checkpoint, save_student
 from kdseg.errors import CheckpointError
 from kdseg.losses import PairwiseLoss, PixelwiseLoss
 from kdseg.models import FeatureTaps, build_model, count_params, resolve_module, zero_init_residual_
@@ -328,6 +330,35 @@ def test_save_keeps_the_previous_checkpoint(tmp_path):
     save_checkpoint(path, keep_previous=True, state_dict={}, model={}, epoch=2)
     assert load_checkpoint(path)["epoch"] == 2 and load_checkpoint(previous_path(path))["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
+
+
+def test_same_as_links_and_the_names_stay_independent(tmp_path, monkeypatch):
+    best = save_checkpoint(tmp_path / "best.pt", state_dict={"w": torch.ones(2)}, model={}, epoch=1)
+    save_checkpoint(tmp_path / "last.pt", keep_previous=True, state_dict={}, model={}, epoch=0)
+    last = save_checkpoint(tmp_path / "last.pt", keep_previous=True, same_as=best)
+    assert last.samefile(best) and load_checkpoint(previous_path(last))["epoch"] == 0  # linked, not written again
+    # replacing last.pt later (a new epoch) renames: best.pt keeps epoch 1
+    save_checkpoint(last, keep_previous=True, state_dict={}, model={}, epoch=2)
+    assert load_checkpoint(best)["epoch"] == 1 and load_checkpoint(last)["epoch"] == 2
+    assert load_checkpoint(previous_path(last))["epoch"] == 1
+    # where the file system refuses hard links: a copy with the same bytes
+    def no_links(*args):
+        raise OSError(errno.EPERM, "no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copy = save_checkpoint(tmp_path / "copy.pt", same_as=best)
+    assert not copy.samefile(best) and copy.read_bytes() == best.read_bytes()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_save_student_keeps_weights_and_model_only(models, saved, tmp_path):
+    ckpt = load_checkpoint(saved) | {"optimizer": {"state": {}}, "terms": {"x": torch.ones(3)}, "model": dict(MODEL_CFG, extra=1)}
+    path = save_student(tmp_path / "best_student.pt", ckpt)
+    got = torch.load(path, weights_only=True)
+    assert set(got) == {"state_dict", "model"} and "extra" not in got["model"]
+    loaded, _ = load_model(path)
+    ref = models["resnet18"].state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())
 
 
 def test_checkpoint_state_dict_mismatch(models, tmp_path):
