@@ -189,6 +189,8 @@ def cross_checks(cfg: DictConfig) -> None:
     if cfg.task == "eval":
         _require(cfg.checkpoint is not None or ds.generated, "checkpoint", cfg.checkpoint,
                  "a checkpoint path for task=eval on real data")
+    _require(cfg.task != "teacher" or ds.get("tune_fraction") is None, "dataset.tune_fraction", ds.get("tune_fraction"),
+             "null with task=teacher (a teacher trains on the whole train split; tuning runs are students' runs)")
     check_training_batches(cfg)
     check_paths(cfg)
 

@@ -46,6 +46,8 @@ class RunRecord:
     iou: dict[str, float] = field(default_factory=dict)
     teacher_miou: float | None = None
     epoch_s: float = math.nan
+    train_s: float = math.nan
+    """The run's training time: its epochs' times summed (evaluation left out)."""
     peak_mib: float = math.nan
     start_ms: int | None = None
     end_ms: int | None = None
@@ -81,6 +83,40 @@ def _number(value: str | None) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604, 2.1448,
+         2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484,
+         2.0452, 2.0423)
+"""The 0.975 quantile of Student's t with 1 .. 30 degrees of freedom."""
+
+
+def t_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (a table to 30, then the
+    Cornish-Fisher expansion around the normal quantile, within 1e-4 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959963984540054
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def paired_gain(values: Mapping[int, float], base: Mapping[int, float]) -> dict[str, Any]:
+    """``values - base`` over the seeds both have: ``gain_by_seed``, ``gain_n``, ``gain_mean``,
+    ``gain_std`` (sample) and ``gain_ci`` (half-width of the 95% t interval of the mean gain,
+    ``t_975(n - 1) * std / sqrt(n)``; NaN below 2 seeds)."""
+    seeds = sorted(set(values) & set(base))
+    diffs = [values[s] - base[s] for s in seeds]
+    mean, std = mean_std(diffs) if diffs else (math.nan, math.nan)
+    ci = t_975(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 and math.isfinite(std) else math.nan
+    return {"gain_by_seed": dict(zip(seeds, diffs)), "gain_n": len(diffs), "gain_mean": mean, "gain_std": std, "gain_ci": ci}
+
+
+def excludes_zero(row: Mapping[str, Any]) -> bool:
+    """Whether the 95% interval of a row's gain lies wholly above or below 0."""
+    return math.isfinite(row.get("gain_ci", math.nan)) and abs(row["gain_mean"]) > row["gain_ci"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -122,6 +158,7 @@ def load_runs(tracking_uri: str, experiment: str | None = None, sweep_id: str | 
                 iou=class_ious(metrics, run.data.params.get("dataset.name")),
                 teacher_miou=metrics.get("teacher/val_miou"),
                 epoch_s=statistics.fmean(epoch_times) if epoch_times else math.nan,
+                train_s=math.fsum(epoch_times) if epoch_times else math.nan,
                 peak_mib=metrics.get("memory/peak_mib", math.nan),
                 start_ms=run.info.start_time,
                 end_ms=run.info.end_time,
@@ -167,7 +204,7 @@ def summarize(records: Sequence[RunRecord]) -> list[dict]:
             "run_ids": [r.run_id for r in runs],
             "by_seed": {int(r.params.get("seed", -1)): r.final_miou for r in runs},
         }
-        for name in ("final_miou", "best_miou", "pixel_acc", "epoch_s", "peak_mib"):
+        for name in ("final_miou", "best_miou", "pixel_acc", "epoch_s", "train_s", "peak_mib"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in runs])
         for name in SPEED:
             row[f"{name}_mean"] = _mean_of(r.speed.get(f"student_{name}") for r in runs)
@@ -200,7 +237,7 @@ def _mean_of(values) -> float:
 
 
 def _add_paired_gains(rows: list[dict]) -> None:
-    """``gain_mean`` / ``gain_std`` / ``gain_n``: final mIoU minus the baseline's, over the seeds both ran.
+    """:func:`paired_gain` of each row: final mIoU minus the baseline's, over the seeds both ran.
 
     The baseline of a row is the row of the same student with no active term whose other
     settings (everything but the loss) are the same.
@@ -214,11 +251,7 @@ def _add_paired_gains(rows: list[dict]) -> None:
     baselines = {context(r): r for r in rows if not r["terms"]}
     for row in rows:
         base = baselines.get(context(row))
-        seeds = sorted(set(row["by_seed"]) & set(base["by_seed"])) if base is not None and row["terms"] else []
-        diffs = [row["by_seed"][s] - base["by_seed"][s] for s in seeds]
-        row["gain_by_seed"] = dict(zip(seeds, diffs))
-        row["gain_n"] = len(diffs)
-        row["gain_mean"], row["gain_std"] = mean_std(diffs) if diffs else (math.nan, math.nan)
+        row |= paired_gain(row["by_seed"], base["by_seed"] if base is not None and row["terms"] else {})
 
 
 def term_columns(records: Sequence[RunRecord]) -> list[str]:
@@ -297,6 +330,14 @@ def _gain(row: dict) -> str:
     return f"{100 * row['gain_mean']:+.2f} ± {100 * row['gain_std']:.2f} ({row['gain_n']})"
 
 
+def gain_interval(row: Mapping[str, Any]) -> str:
+    """``[+0.11, +2.35] *``: the 95% t interval of the mean gain in points, ``*`` when it excludes 0."""
+    if not math.isfinite(row.get("gain_ci", math.nan)):
+        return ""
+    low, high = 100 * (row["gain_mean"] - row["gain_ci"]), 100 * (row["gain_mean"] + row["gain_ci"])
+    return f"[{low:+.2f}, {high:+.2f}]" + (" *" if excludes_zero(row) else "")
+
+
 def _cost(mean: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isfinite(mean) else "-"
 
@@ -316,11 +357,11 @@ def to_markdown(
     varying = extra_columns(rows)
     columns = rows[0]["term_columns"] if rows else []
     head = ["model", *columns, *varying, "seeds", "mIoU final (%)", "mIoU best (%)", "Δ vs none, paired (pts)",
-            "pixel acc (%)", "s / epoch", "peak mem (MiB)", "params (M)", "GFLOPs", "FPS"]
+            "95% CI of Δ (pts)", "pixel acc (%)", "s / epoch", "train s / run", "peak mem (MiB)", "params (M)", "GFLOPs", "FPS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if teacher:
         cells = [f"Teacher {teacher['name']}", *[""] * (len(columns) + len(varying)), str(teacher["n"]),
-                 f"{100 * teacher['miou_mean']:.2f}", "", "", "", "", "", f"{teacher['params_m']:.1f}",
+                 f"{100 * teacher['miou_mean']:.2f}", "", "", "", "", "", "", "", f"{teacher['params_m']:.1f}",
                  _cost(teacher["gflops_mean"], 2), _cost(teacher["fps_mean"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
@@ -332,8 +373,10 @@ def to_markdown(
             _pct(row["final_miou_mean"], row["final_miou_std"]),
             _pct(row["best_miou_mean"], row["best_miou_std"]),
             _gain(row),
+            gain_interval(row),
             _pct(row["pixel_acc_mean"], row["pixel_acc_std"]),
             _cost(row["epoch_s_mean"], 1),
+            _cost(row["train_s_mean"], 0),
             _cost(row["peak_mib_mean"], 0),
             f"{row['params_m']:.1f}",
             _cost(row["gflops_mean"], 2),
@@ -345,6 +388,9 @@ def to_markdown(
     if devices:
         methods = sorted({r["speed_method"] for r in rows if r["speed_method"]})
         text += f"\nGFLOPs (a multiply-add = 2) and FPS (fp32): {'; '.join(devices)}; FPS {'; '.join(methods)}\n"
+    if any(math.isfinite(r.get("gain_ci", math.nan)) for r in rows):
+        text += ("\n95% CI: the mean paired gain ± t(0.975, n - 1) x std / sqrt(n) over the n seeds (Student's t); "
+                 "* marks an interval that excludes 0\n")
     if wall_s is not None:
         runs = sum(len(r["seeds"]) for r in rows)
         text += f"\n{runs} student runs, {wall_s / 60:.1f} min wall time (first run's start to last run's end)\n"
@@ -357,8 +403,8 @@ def to_csv(rows: Sequence[dict]) -> str:
     """Machine-readable summary (fractions, not percent)."""
     out = io.StringIO()
     fields = ["student", "loss", "terms", "varying", "n_seeds", "seeds", "final_miou_mean", "final_miou_std",
-              "best_miou_mean", "best_miou_std", "gain_mean", "gain_std", "gain_n", "pixel_acc_mean", "pixel_acc_std",
-              "epoch_s_mean", "epoch_s_std", "peak_mib_mean", "peak_mib_std", "params_m", "gflops_mean", "latency_ms_mean",
+              "best_miou_mean", "best_miou_std", "gain_mean", "gain_std", "gain_n", "gain_ci", "pixel_acc_mean", "pixel_acc_std",
+              "epoch_s_mean", "epoch_s_std", "train_s_mean", "train_s_std", "peak_mib_mean", "peak_mib_std", "params_m", "gflops_mean", "latency_ms_mean",
               "fps_mean", "run_ids"]
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdseg import dist
 from kdseg.checkpoint import load_checkpoint, previous_path
 from kdseg.errors import CheckpointError, ResumeError, TrainingInterrupted
-from kdseg.utils import digest, flatten
+from kdseg.utils import digest, flatten, is_setting
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -48,7 +48,7 @@ FINGERPRINT_CHARS = 16
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The flattened, resolved config that identifies a run (without ``NOT_FINGERPRINTED``)."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {key: value for key, value in flat.items() if key not in NOT_FINGERPRINTED}
+    return {key: value for key, value in flat.items() if key not in NOT_FINGERPRINTED and is_setting(key)}
 
 
 def fingerprint(config: dict[str, Any]) -> str:

@@ -151,6 +151,9 @@ class DatasetConf:
     blur_prob: float = checked(lambda v: 0 <= v <= 1, "a probability in [0, 1]")
     eval_mode: EvalMode = MISSING
     on_bad_sample: OnBadSample = MISSING
+    # a tuning run (kdseg.study): trains on the train split but a seeded held-out part, scored on that part
+    tune_fraction: Optional[float] = checked(lambda v: v is None or 0 < v < 1, "null or a fraction in (0, 1)", default=None)
+    tune_seed: int = at_least(0, default=0)
     # VOC layout (a list file per split)
     image_dir: Optional[str] = None
     mask_dir: Optional[str] = None
@@ -172,6 +175,7 @@ class LossConf:
     pi_lambda: float = non_negative()
     pa_lambda: float = non_negative()
     terms: Dict[str, Any] = MISSING
+    search: Dict[str, str] = field(default_factory=dict)  # the option's tuning search space (kdseg.study)
 
 
 @dataclass

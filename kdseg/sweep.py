@@ -46,8 +46,10 @@ def sweep_figure(out: Path, records: list) -> Path | None:
     active terms (``student resnet18`` / ``+ pi + pa``). Made for every student of the sweep
     that has a baseline and at least one distilled run (``paper_table`` and ``zoo`` do), as
     ``<out stem>_<student>.png``; ``out`` itself shows the largest such student (the paper's
-    ResNet-18). None when no student qualifies.
+    ResNet-18). None when no student qualifies, or for a sweep of tuning runs (``dataset.tune_fraction``).
     """
+    if any(r.params.get("dataset.tune_fraction") not in (None, "None") for r in records):
+        return None  # tuning runs: the figure would show val images, which tuning never reads
     by_run = {r.run_id: r for r in records}
     made = []
     for student in student_order(records):
@@ -101,7 +103,7 @@ class SweepSummary(Callback):
                 values = {
                     "miou_mean": row["final_miou_mean"], "miou_std": row["final_miou_std"],
                     "best_miou_mean": row["best_miou_mean"], "n_seeds": len(row["seeds"]),
-                    "gain_mean": row["gain_mean"], "gain_std": row["gain_std"],
+                    "gain_mean": row["gain_mean"], "gain_std": row["gain_std"], "gain_ci95": row["gain_ci"],
                     "epoch_s": row["epoch_s_mean"], "peak_mib": row["peak_mib_mean"],
                 }
                 tracker.log_metrics({f"summary/{label}/{k}": v for k, v in values.items() if math.isfinite(v)}, 0)

@@ -30,8 +30,9 @@ from kdseg.utils import digest, drain
 
 CACHE_KEY_CHARS = 12
 """Hex digits of a cached teacher's key in its file name (48 bits: the teachers one cache holds do not collide)."""
-NOT_DATA_KEYS = ("on_bad_sample",)
-"""Dataset keys that do not change which data a teacher learns from (how bad files are handled)."""
+NOT_DATA_KEYS = ("on_bad_sample", "tune_fraction", "tune_seed")
+"""Dataset keys that do not change which data a teacher learns from: how bad files are handled,
+and a tuning run's held-out part (a teacher always trains on the whole train split)."""
 
 
 def cache_key(cfg: DictConfig) -> dict:
@@ -126,6 +127,12 @@ def cached_teacher(cfg: DictConfig, datasets: tuple, device: torch.device) -> Pa
     path = cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with dist.main_first(), FileLock(f"{path}.lock"):  # other ranks wait for rank 0, then find the file
+        if not path.exists() and cfg.dataset.get("tune_fraction") is not None:
+            raise ConfigError(
+                f"dataset.tune_fraction={cfg.dataset.tune_fraction} (a tuning run) needs its teacher trained first, "
+                f"and there is none at {path}: a teacher trains on the whole train split and is scored on val, which a "
+                "tuning run never reads. Run the same command without dataset.tune_fraction once (python -m kdseg.study does)"
+            )
         if not path.exists():
             print(f"no cached teacher at {path}: training one ({cfg.teacher.train.epochs} epochs)", flush=True)
             t0 = time.perf_counter()

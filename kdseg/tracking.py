@@ -27,7 +27,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from kdseg.errors import TrackingError, TrainingInterrupted, one_line, reported
-from kdseg.utils import flatten
+from kdseg.utils import flatten, is_setting
 
 PENDING_FILE = "mlflow_pending.jsonl"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -326,12 +326,14 @@ class Tracker:
 
 
 def run_params(cfg: DictConfig, world_size: int) -> dict[str, Any]:
-    """Flattened, resolved config without Hydra's own keys, and the number of DDP processes.
+    """Flattened, resolved config without Hydra's own keys and what is not a setting
+    (:data:`NOT_SETTINGS`: a loss option's search space), and the number of DDP processes.
 
     ``dist.world_size`` is a param (not a tag) because the global batch depends on it:
     runs with different world sizes are different settings in a sweep summary.
     """
-    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"dist.world_size": world_size}
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {key: value for key, value in flat.items() if is_setting(key)} | {"dist.world_size": world_size}
 
 
 def replay(pending_file: str | os.PathLike) -> int:

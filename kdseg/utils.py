@@ -13,6 +13,16 @@ E = TypeVar("E", bound=Enum)
 R = TypeVar("R")
 
 
+NOT_SETTINGS = ("loss.search",)
+"""Config nodes that are not settings of a run (a loss option's tuning search space): neither part
+of a run's fingerprint nor logged as params (:func:`is_setting`)."""
+
+
+def is_setting(key: str) -> bool:
+    """Whether a flattened config key is a setting of the run (not in :data:`NOT_SETTINGS`)."""
+    return not any(key == node or key.startswith(f"{node}.") for node in NOT_SETTINGS)
+
+
 def drain(steps: Generator[Any, None, R]) -> R:
     """Run a generator to its end; returns its return value (``return x`` inside it)."""
     while True:

@@ -1,6 +1,7 @@
 """Figures: palette colouring (VOC's by default) and prediction grids like the paper's qualitative figure."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,29 +60,34 @@ def save_prediction_grid(
     return _save(fig, path)
 
 
-def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str | None = None) -> Path | None:
-    """Paired gains over the baseline, one bar per distilled setting (mIoU points, mean ± std over
-    seeds) with each seed's difference as a dot; rows as :func:`kdseg.report.summarize` gives them.
+def save_gain_figure(path: str | os.PathLike, rows: Sequence[dict], title: str | None = None,
+                     labels: Sequence[str] | None = None) -> Path | None:
+    """Paired gains over the baseline, one bar per distilled setting (mIoU points, the mean over
+    seeds with its 95% t interval) with each seed's difference as a dot; rows as
+    :func:`kdseg.report.summarize` gives them. A bar is green (red) when its interval lies above
+    (below) 0, grey otherwise; a gain of one seed has no interval.
 
-    None when no row has a paired baseline.
+    ``labels``: one per row with a paired baseline (default: student + terms). None when no row has one.
     """
     plt = _pyplot()
     rows = [r for r in rows if r.get("gain_n")]
     if not rows:
         return None
-    labels = [f"{r['student']} + {' + '.join(r['terms'])}" for r in rows]
+    labels = list(labels) if labels is not None else [f"{r['student']} + {' + '.join(r['terms'])}" for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2))
     for i, row in enumerate(rows):
-        mean, std = 100 * row["gain_mean"], 100 * row["gain_std"]
-        ax.barh(i, mean, xerr=std, color="tab:green" if mean - std > 0 else "tab:red" if mean + std < 0 else "tab:gray",
-                alpha=0.6, capsize=3)
+        mean = 100 * row["gain_mean"]
+        ci = 100 * row.get("gain_ci", math.nan)
+        has_ci = math.isfinite(ci)
+        ax.barh(i, mean, xerr=ci if has_ci else None, capsize=3, alpha=0.6,
+                color="tab:green" if has_ci and mean - ci > 0 else "tab:red" if has_ci and mean + ci < 0 else "tab:gray")
         seeds = list(row["gain_by_seed"].values())
         ax.scatter([100 * d for d in seeds], [i] * len(seeds), color="black", s=12, zorder=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("val mIoU gain over the baseline, paired by seed (points)")
-    ax.set_title(title or "mean ± std over seeds; dots: seeds", fontsize=9)
+    ax.set_title(title or "mean with its 95% t interval over seeds; dots: seeds", fontsize=9)
     return _save(fig, path)
 
 

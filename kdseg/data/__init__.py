@@ -49,16 +49,41 @@ def split_samples(cfg: DictConfig, root: Path, split: str) -> tuple[list[tuple[P
     return read_split(root, list_file, cfg.image_dir, mask_dir), f"'{root / list_file}'", None
 
 
+def tune_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (ascending) of the train split's samples a tuning run trains on, and of those it
+    holds out and scores on: ``round(n * fraction)`` of the ``n`` samples, drawn by a generator
+    seeded with ``seed`` alone (every trial of a study, whatever its own seed, sees one split)."""
+    held = round(n * fraction)
+    if not 1 <= held < n - 1:
+        raise ConfigError(f"dataset.tune_fraction={fraction} holds out {held} of the {n} train images: "
+                          "expected at least 1 held out and at least 2 left to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """Train and val datasets of the configured splits, with the METHOD.md transforms.
 
-    Bad samples fail here (pre-flight scan) or are left out, as ``cfg.on_bad_sample`` says.
+    With ``cfg.tune_fraction`` (a tuning run) both come from the train split, :func:`tune_split`:
+    the run trains on the rest and is scored on the held-out part (with the val transforms);
+    the val split is not even listed. Bad samples fail here (pre-flight scan) or are left out,
+    as ``cfg.on_bad_sample`` says.
     """
     root = dataset_root(cfg)
     transforms = {
         "train": train_transforms(cfg.base_size, cfg.crop_size, tuple(cfg.scale_range), cfg.blur_prob),
         "val": val_transforms(cfg.eval_mode, cfg.base_size, cfg.crop_size),
     }
+    tune_fraction = cfg.get("tune_fraction")
+    if tune_fraction is not None:
+        samples, source, label_map = split_samples(cfg, root, "train")
+        rest, held = tune_split(len(samples), tune_fraction, cfg.tune_seed)
+        where = f"{source}, tune_fraction={tune_fraction}, tune_seed={cfg.tune_seed}"
+        return tuple(  # type: ignore[return-value]
+            SegmentationDataset([samples[i] for i in part], f"{source} ({what} of {where})", transforms[split],
+                                cfg.num_classes, cfg.on_bad_sample, label_map)
+            for part, what, split in ((rest, "the part tuning trains on", "train"), (held, "the part held out for tuning", "val"))
+        )
     datasets = []
     for split in ("train", "val"):
         samples, source, label_map = split_samples(cfg, root, split)

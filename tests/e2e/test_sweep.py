@@ -75,16 +75,19 @@ def composed(*args: str) -> tuple[dict, dict]:
     """The job config and the sweeper's parameters that ``run.py *args`` composes (``--cfg``: nothing runs)."""
     out = [subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "--cfg", part], capture_output=True, text=True,
                           check=True, cwd=ROOT, timeout=300).stdout for part in ("job", "hydra")]
-    return OmegaConf.to_container(OmegaConf.create(out[0])), OmegaConf.to_container(OmegaConf.create(out[1]).hydra.sweeper.params)
+    params = OmegaConf.create(out[1]).hydra.sweeper.get("params")
+    return OmegaConf.to_container(OmegaConf.create(out[0])), OmegaConf.to_container(params) if params is not None else None
 
 
 def test_sweeps_are_a_config_group_and_files_with_one_source_each():
     """sweeps/X.yaml composes exactly what sweep=X does, and holds no parameters of its own."""
-    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == ["cirkd_table", "cross_arch", "paper_table", "seeds", "zoo"]
+    assert SWEEPS == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")) == [
+        "cirkd_table", "cross_arch", "paper_table", "seeds", "tune", "zoo"]
     for sweep in SWEEPS:
         group, file = (composed(*FORMS[form](sweep)) for form in ("group", "file"))
         assert group == file, sweep
-        assert group[1] == OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sweep" / f"{sweep}.yaml").hydra.sweeper.params)
+        own = OmegaConf.load(ROOT / "conf" / "sweep" / f"{sweep}.yaml").hydra.sweeper.get("params")  # tune: from the command line
+        assert group[1] == (OmegaConf.to_container(own) if own is not None else None)
         assert "params" not in (ROOT / "sweeps" / f"{sweep}.yaml").read_text()
     assert composed("sweep=paper_table")[1] == {"student": "resnet18,mobilenet_v2", "loss": "none,pi,pa,pi_pa", "seed": "0,1,2"}
     assert composed("sweep=cross_arch")[1] == {

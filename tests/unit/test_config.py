@@ -219,6 +219,9 @@ def test_experiment_paper_selects_voc_and_recipe(make_cfg):
         ("dataset.eval_size=64", "dataset.eval_size"),
         ("speed.repeats=0", "speed.repeats"),
         ("speed.enabled=maybe", "speed.enabled"),
+        ("dataset.tune_fraction=1.5", "dataset.tune_fraction"),
+        ("dataset.tune_fraction=0", "dataset.tune_fraction"),
+        ("dataset.tune_seed=-1", "dataset.tune_seed"),
     ],
 )
 def test_validation_names_the_bad_key(make_cfg, override, key):
@@ -328,3 +331,30 @@ def test_paths_of_the_right_kind_pass(make_cfg, tmp_path):
     """A teacher checkpoint that is a file; folders that exist or can be created."""
     (tmp_path / "teacher.pt").write_bytes(b"")
     validate(make_cfg(f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"paths.cache_dir={tmp_path}/new/cache"))
+
+
+def test_a_teacher_is_not_trained_on_a_tuning_split(make_cfg):
+    with pytest.raises(ConfigError, match=r"^config dataset.tune_fraction=0.2: expected null with task=teacher"):
+        validate(make_cfg("task=teacher", "dataset.tune_fraction=0.2"))
+
+
+def test_a_loss_options_search_space_is_not_a_setting_of_the_run(make_cfg):
+    """loss.search (what a tuning study searches) is neither a param nor part of the fingerprint."""
+    from kdseg.resume import fingerprint, run_config
+    from kdseg.tracking import run_params
+
+    cfg = make_cfg("loss=kd")
+    assert cfg.loss.search["loss.terms.kd.weight"] == "tag(log, interval(0.1, 10))"
+    assert not [key for key in run_params(cfg, 1) if key.startswith("loss.search")]
+    assert not [key for key in run_config(cfg) if key.startswith("loss.search")]
+    other = make_cfg("loss=kd", "loss.search={}")
+    assert fingerprint(run_config(other)) == fingerprint(run_config(cfg)) and run_params(other, 1) == run_params(cfg, 1)
+
+
+@pytest.mark.parametrize("option", [o for o in options("loss") if o != "_terms"])
+def test_every_loss_option_has_a_search_space_of_its_own_knobs(make_cfg, option):
+    """Kept next to the method (conf/loss/<option>.yaml): the baseline searches its own knobs, a method its loss.* keys."""
+    from kdseg.study import search_space
+
+    space = search_space(make_cfg(f"loss={option}"), option)
+    assert space and all(isinstance(v, str) and ("interval(" in v or "choice(" in v) for v in space.values())

@@ -50,8 +50,33 @@ def test_summary_gain_is_paired_by_seed_against_the_same_students_baseline():
     assert gain["gain_mean"] == pytest.approx(0.08 / 3) and gain["gain_std"] == pytest.approx(0.015275252, rel=1e-6)
     assert rows[("r18", "pi")]["gain_n"] == 0 and rows[("mbv2", "kd")]["gain_n"] == 0
     assert rows[("r18", "none")]["gain_n"] == 0
-    assert "| +2.67 ± 1.53 (3) |" in to_markdown(list(rows.values()))
+    # the 95% t interval by hand: 2.67 ± t(0.975, 2) x 1.5275 / sqrt(3) = 2.67 ± 4.3027 x 0.8819 = 2.67 ± 3.79
+    assert gain["gain_ci"] == pytest.approx(4.302653 * 0.015275252 / 3**0.5, rel=1e-4)
+    assert "| +2.67 ± 1.53 (3) | [-1.13, +6.46] |" in to_markdown(list(rows.values()))
     assert gain["gain_by_seed"] == pytest.approx({0: 0.03, 1: 0.01, 2: 0.04})
+
+
+def test_an_interval_that_excludes_zero_is_marked_and_one_seed_has_none():
+    from kdseg.report import excludes_zero, gain_interval, paired_gain
+
+    up = paired_gain({0: 0.30, 1: 0.32, 2: 0.31}, {0: 0.20, 1: 0.21, 2: 0.22})  # +10, +11, +9 points
+    assert excludes_zero(up) and gain_interval(up) == "[+7.52, +12.48] *"
+    mixed = paired_gain({0: 0.30, 1: 0.20}, {0: 0.25, 1: 0.24})  # +5, -4 points
+    assert not excludes_zero(mixed) and not gain_interval(mixed).endswith("*")
+    one = paired_gain({0: 0.3, 1: 0.4}, {1: 0.35, 2: 0.1})  # seed 1 alone is paired
+    assert one["gain_n"] == 1 and one["gain_mean"] == pytest.approx(0.05) and gain_interval(one) == "" and not excludes_zero(one)
+
+
+def test_t_quantiles_match_an_independent_computation():
+    """The table and the expansion beyond it against scipy's inverse t CDF (and two textbook values)."""
+    from kdseg.report import t_975
+
+    assert t_975(2) == pytest.approx(4.303, abs=1e-3) and t_975(10) == pytest.approx(2.228, abs=1e-3)
+    stats = pytest.importorskip("scipy.stats")
+    for df in [*range(1, 41), 60, 120, 1000]:
+        assert t_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4), df
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_975(0)
 
 
 def test_gain_figure_only_for_rows_with_a_paired_baseline(tmp_path):
