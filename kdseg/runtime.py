@@ -5,6 +5,7 @@ the DDP plumbing, resuming and the benchmark can all use it without importing ea
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from enum import Enum
 from typing import Any
@@ -89,6 +90,18 @@ def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "loader": loader_generator.get_state() if loader_generator is not None else None,
     }
+
+
+def rng_digest() -> str:
+    """A hash of the process's Python, NumPy and torch (CPU and CUDA) random states: equal states, equal digests."""
+    state = rng_state()
+    h = hashlib.sha256()
+    h.update(repr(state["python"]).encode())
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    h.update(repr((kind, pos, has_gauss, cached)).encode())
+    for tensor in (keys, state["torch"], *state["cuda"]):
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()
 
 
 def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:

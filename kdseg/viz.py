@@ -13,6 +13,8 @@ from kdseg.data.classes import voc_palette
 from kdseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+GRID_GAP = 2
+"""White pixels between the panels of a prediction grid."""
 
 
 def colorize(mask: torch.Tensor | np.ndarray, palette: Sequence[int] | None = None) -> np.ndarray:
@@ -40,21 +42,29 @@ def save_prediction_grid(
 
     ``rows`` is e.g. ``[("ground truth", masks), ("teacher", pred_t), ("student", pred_s)]``,
     each a K x H x W tensor of class indices, drawn in ``palette`` (the dataset's; default VOC's).
+    The panels are tiled into one picture (2-px white gaps) drawn on one axes, the row labels as
+    its y tick labels: one image to lay out instead of a grid of axes, which every run writes.
     """
     plt = _pyplot()
     k = images.shape[0]
-    n = len(rows) + 1
-    fig, axes = plt.subplots(n, k, figsize=(1.6 * k + 1.2, 1.6 * n), squeeze=False)
     panels = [("input", [denormalize(img) for img in images])]
     panels += [(label, [colorize(m.cpu(), palette) for m in masks]) for label, masks in rows]
-    for r, (label, pictures) in enumerate(panels):
+    height, width = panels[0][1][0].shape[:2]
+    gap, n = GRID_GAP, len(panels)
+    canvas = np.full((n * height + (n - 1) * gap, k * width + (k - 1) * gap, 3), 255, dtype=np.uint8)
+    for r, (_, pictures) in enumerate(panels):
         for c, picture in enumerate(pictures):
-            ax = axes[r][c]
-            ax.imshow(picture, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=9)
+            top, left = r * (height + gap), c * (width + gap)
+            canvas[top:top + height, left:left + width] = picture
+    label_inches = 0.08 * max(len(line) for label, _ in panels for line in label.splitlines()) + 0.3  # 9-pt text
+    fig, ax = plt.subplots(figsize=(1.6 * k + label_inches, 1.6 * n))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * (height + gap) + height / 2 for r in range(n)], [label for label, _ in panels], fontsize=9)
+    ax.tick_params(left=False)
+    ax.set_anchor("E")  # the tiles to the right, the labels' room to the left
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -65,6 +65,7 @@ class Group:
                 self.teacher_checkpoint = get_teacher(cfg, self.datasets, self.teacher, device)
         self.feed: SharedBatches | None = None
         self._val: dict[int, SharedVal] = {}
+        self.teacher_draws: dict[str, dict] = {}  # kdseg.tasks.distill.build_networks: one teacher build per random state
         self.teacher_pass = TeacherPass(lambda: self.feed.fetches)
 
     def loaders(self, model: Distiller) -> tuple[MemberBatches, SharedVal]:

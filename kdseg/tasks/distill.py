@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdseg import dist
@@ -17,12 +17,14 @@ from kdseg.distill import Distiller, build_terms, term_label
 from kdseg.job import FitResult, build, fit_steps, log_skipped, log_speed, plan_for, tags_for
 from kdseg.models import count_params, load_pretrained, model_name
 from kdseg.profile import check_input_size
-from kdseg.runtime import seed_everything
+from kdseg.runtime import rng_digest, rng_state, seed_everything, set_rng_state
 from kdseg.teacher import get_teacher
 from kdseg.tracking import Tracker, run_params
-from kdseg.utils import drain
+from kdseg.utils import digest, drain
 from kdseg.viz import save_prediction_grid
 
+RNG_DIGEST_CHARS = 16
+"""Hex digits naming a point of the random streams (with a teacher config) in a group's ``teacher_draws``."""
 GRID_IMAGES = 4
 """Val images in a run's predictions.png (at most: the first val batch's)."""
 
@@ -32,18 +34,34 @@ def run_distill(cfg: DictConfig, tracker: Tracker, device: torch.device) -> floa
     return drain(distill(cfg, tracker, device))
 
 
-def build_networks(cfg: DictConfig) -> tuple[dict, nn.Module, nn.Module | None]:
+def build_networks(cfg: DictConfig, teacher_draws: dict[str, dict] | None = None) -> tuple[dict, nn.Module, nn.Module | None]:
     """The run's active terms, its student and (when a term needs one) its teacher, built right
-    after seeding: the student's initial weights depend on nothing else."""
+    after seeding: the student's initial weights depend on nothing else.
+
+    ``teacher_draws`` (a fused group's, whose members share one teacher): building the teacher
+    only moves the random streams on, so the streams it leaves are remembered by the streams and
+    teacher config it started from; a member that starts from a remembered point takes the
+    remembered result instead of building the teacher again, and gets None for a teacher.
+    """
     terms = build_terms(cfg.loss.terms)
     seed_everything(cfg.seed)
     student = build(cfg.student)
+    if not terms:
+        return terms, student, None
+    key = None
+    if teacher_draws is not None:
+        key = digest({"teacher": OmegaConf.to_container(cfg.teacher, resolve=True), "rng": rng_digest()}, RNG_DIGEST_CHARS)
+        if key in teacher_draws:
+            set_rng_state(teacher_draws[key])
+            return terms, student, None
     pretrained = cfg.teacher.get("pretrained")
-    if terms and pretrained is not None:  # a model saved by smp, weights included
+    if pretrained is not None:  # a model saved by smp, weights included
         teacher = load_pretrained(pretrained, cfg.dataset.num_classes)
         check_input_size(teacher, (cfg.dataset.crop_size, cfg.dataset.crop_size))
     else:
-        teacher = build(cfg.teacher.model) if terms else None  # its weights are loaded by get_teacher
+        teacher = build(cfg.teacher.model)  # its weights are loaded by get_teacher
+    if key is not None:
+        teacher_draws[key] = rng_state()
     return terms, student, teacher
 
 
@@ -53,9 +71,9 @@ def distill(cfg: DictConfig, tracker: Tracker, device: torch.device, group: Any 
     ``group`` (a :class:`kdseg.fused.Group`) is what the members of a fused sweep share: the
     datasets, the loaded teacher and its checkpoint, the loaders and one teacher pass per batch.
     The student and the terms' learned parts are built exactly as a run of its own builds them
-    (the teacher built here only keeps the random stream where a lone run leaves it).
+    (the teacher is built, or its draws replayed, only to leave the random streams where a lone run leaves them).
     """
-    terms, student, teacher = build_networks(cfg)
+    terms, student, teacher = build_networks(cfg, group.teacher_draws if group is not None else None)
     label = term_label(terms)
     if group is not None and terms:
         teacher = group.teacher

@@ -236,3 +236,24 @@ def test_sigterm_stops_every_member_after_the_same_step_and_the_group_resumes_bi
         b = torch.load(tmp_path / "stopped" / name / "last.pt", weights_only=False)
         assert compared(a["history"]) == compared(b["history"])
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_members_from_one_random_state_build_the_teacher_once(make_cfg):
+    """build_networks with a group's teacher_draws: a second member that starts from the same random
+    state (same seed and student) skips the teacher's build and leaves the streams, and its student,
+    exactly where building it would."""
+    from kdseg.runtime import rng_digest
+    from kdseg.tasks.distill import build_networks
+
+    alone = build_networks(make_cfg("loss=kd"))
+    after_alone = rng_digest()
+    draws: dict = {}
+    first = build_networks(make_cfg("loss=pi_pa"), draws)
+    assert first[2] is not None and len(draws) == 1  # built, its draws remembered
+    second = build_networks(make_cfg("loss=kd"), draws)
+    assert second[2] is None and len(draws) == 1  # replayed
+    assert rng_digest() == after_alone
+    assert all(torch.equal(a, b) for a, b in zip(alone[1].state_dict().values(), second[1].state_dict().values()))
+    other_seed = build_networks(make_cfg("loss=kd", "seed=1"), draws)
+    assert other_seed[2] is not None and len(draws) == 2  # another state: built
+    assert build_networks(make_cfg("loss=none"), draws)[2] is None and len(draws) == 2  # no teacher at all
