@@ -38,7 +38,8 @@ def test_torchrun_two_processes_match_one(tmp_path, session_dir, make_cfg):
 
     # Hydra's folder and everything in it exist once (the ranks agreed on the timestamped path)
     (run_dir,) = (tmp_path / "outputs").glob("*/*")
-    assert {p.name for p in run_dir.iterdir()} == {".hydra", "run.log", "config.yaml", "best.pt", "last.pt", "predictions.png", "per_class_iou.md", "run.json", "run.lock"}
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "run.log", "config.yaml", "best.pt", "last.pt", "best_student.pt",
+                                                 "predictions.png", "per_class_iou.md", "run.json", "run.lock"}
     # only rank 0 prints: one epoch line for the teacher (trained by rank 0 alone), one for the student
     assert proc.stdout.count("epoch 1/1") == 2 and proc.stdout.count("outputs: ") == 1, proc.stdout
 
