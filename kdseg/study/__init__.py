@@ -144,6 +144,7 @@ class Study:
                               f"arguments to continue it, or set out= to another folder for a new study")
         self.state["config"] = mine
         self.state.setdefault("stages", {})
+        self.spaces: dict[str, dict[str, str]] = {}  # option -> search space, from check_options
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the study's results (not ``until``): relaunching with other values is refused."""
@@ -235,17 +236,17 @@ def ensure_teacher(study: Study) -> dict:
     return {"teacher": str(path), "pin": str(path)}
 
 
-def check_options(study: Study) -> dict[str, dict[str, str]]:
-    """Every option's job config composed and validated and its search space read: bad input is one
-    line before any stage trains anything."""
-    s = study.study
-    return {option: search_space(compose_job([*study.common(), f"loss={option}"]), option) for option in (BASELINE, *s.methods)}
+def check_options(study: Study) -> None:
+    """Every option's job config composed and validated and its search space kept in ``study.spaces``:
+    bad input is one line before any stage trains anything."""
+    study.spaces = {option: search_space(compose_job([*study.common(), f"loss={option}"]), option)
+                    for option in (BASELINE, *study.study.methods)}
 
 
 def tune(study: Study) -> dict:
-    """Optuna over the baseline's knobs, then over each method's at the baseline's tuned settings."""
-    s = study.study
-    spaces = check_options(study)
+    """Optuna over the baseline's knobs, then over each method's at the baseline's tuned settings; each
+    option's best trial goes to the state's ``tuning`` as soon as it is known."""
+    s, spaces = study.study, study.spaces
     results: dict[str, dict] = dict(study.state.get("tuning", {}))
     base: list[str] = []
     for option in (BASELINE, *s.methods):
@@ -264,7 +265,7 @@ def tune(study: Study) -> dict:
             study.save()
         if option == BASELINE:
             base = tuned_overrides(results[BASELINE]["params"])
-    return {"baseline_overrides": base, "tuned": results}
+    return {"baseline_overrides": base}
 
 
 def final(study: Study) -> dict:
@@ -273,7 +274,7 @@ def final(study: Study) -> dict:
     conf_dir = study.out / "conf"
     options = [BASELINE]
     for method in s.methods:
-        found = tuned["tuned"][method]
+        found = study.state["tuning"][method]
         options.append(write_tuned_option(conf_dir, method, found["params"],
                                           f"kdseg.study {study.name}: {method} at its tuned values (best of {found['trials']} "
                                           f"trials, held-out mIoU {100 * found['value']:.2f})"))
