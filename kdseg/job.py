@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import segmentation_models_pytorch as smp
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdseg import dist
-from kdseg.checkpoint import Upload, load_checkpoint, save_student
+from kdseg.checkpoint import Upload, load_checkpoint, load_model, save_student
 from kdseg.data import build_loaders
 from kdseg.data.classes import dataset_classes
 from kdseg.data.dataset import OnBadSample
@@ -31,8 +32,9 @@ from kdseg.profile import cached_model_stats, stats_metrics
 from kdseg.report import TERM_WEIGHT
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import auto_flag, seed_everything
-from kdseg.sweep import current_sweep
-from kdseg.tracking import Tracker, git_commit
+from kdseg.sweep import current_sweep, parent_tags
+from kdseg.tracking import Tracker
+from kdseg.tracking.fields import source_tags
 from kdseg.train import Trainer
 
 
@@ -128,15 +130,19 @@ def model_tags(config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def tags_for(config: Mapping[str, Any], *, shared: bool = False) -> dict[str, str]:
-    """The MLflow tags of a training run of the flattened ``config``: :func:`model_tags`, its sweep and commit.
+def tags_for(config: Mapping[str, Any], *, shared: bool = False, run_dir: str | Path | None = None) -> dict[str, str]:
+    """The MLflow tags of a run of the flattened ``config``: :func:`model_tags`, MLflow's source fields
+    (:func:`~kdseg.tracking.fields.source_tags`), its folder and, in a multirun, its sweep and parent run.
 
-    ``shared``: a run that serves every sweep (the cached teacher) is not one sweep's member;
-    the sweep that first needed it is kept as ``first_needed_by_sweep``.
+    ``shared``: a run that serves every sweep (the cached teacher) is not one sweep's member (nor
+    nested under one); the sweep that first needed it is kept as ``first_needed_by_sweep``.
     """
     sweep_id, sweep_dir = current_sweep()
-    sweep = {"first_needed_by_sweep": sweep_id} if shared else {"sweep_id": sweep_id, "sweep_dir": sweep_dir}
-    return model_tags(config) | sweep | {"git_commit": git_commit(Path(__file__).parent)}
+    if shared:
+        sweep = {"first_needed_by_sweep": sweep_id} if sweep_id else {}
+    else:
+        sweep = {"sweep_id": sweep_id, "sweep_dir": sweep_dir} | parent_tags() if sweep_id else {}
+    return model_tags(config) | source_tags() | sweep | ({"run_dir": str(Path(run_dir).resolve())} if run_dir else {})
 
 
 def loaders_for(model: Distiller, datasets: tuple, trainer_cfg: DictConfig, seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
@@ -164,6 +170,7 @@ def fit_steps(
     seed: int,
     record: dict[str, Any] | None = None,
     loaders: Callable[[Distiller], tuple[Any, DataLoader]] | None = None,
+    log_model: bool = False,
 ) -> Generator[Trainer | None, None, FitResult]:
     """Build seeded loaders and a Trainer (``trainer_cfg``: the student's ``trainer`` or a teacher's
     settings), train (or resume) for ``epochs``, and log the run's checkpoints; paused where
@@ -172,7 +179,8 @@ def fit_steps(
     ``record`` is the flattened training config the checkpoints store (default: the plan's), which
     ``task=eval`` reads back to describe the model. ``loaders`` gives the model's (train, val)
     loaders instead of building them (a fused sweep: every member reads one shared train loader,
-    :mod:`kdseg.fused`).
+    :mod:`kdseg.fused`). ``log_model``: the best epoch's model is uploaded as an MLflow model
+    (:func:`upload_checkpoints`).
     """
     seed_everything(seed + dist.rank())  # augmentations differ by rank; DDP starts every rank from rank 0's weights
     if loaders is None:
@@ -196,14 +204,40 @@ def fit_steps(
     with trainer.stop_signals():
         out = yield from trainer.steps()
     result = FitResult(out["final_miou"], out["best_miou"], out["history"], out["best_checkpoint"], out["last_checkpoint"], val_loader)
-    upload = Upload(cfg.logger.log_checkpoints)
-    if upload == Upload.all:
-        for path in (result.best_checkpoint, result.last_checkpoint):
-            tracker.log_artifact(path, "checkpoints")
-    elif upload == Upload.student and tracker.enabled and tracker.run_id and result.best_checkpoint.is_file():
-        best = result.best_checkpoint
-        tracker.log_artifact(save_student(best.with_name(f"{best.stem}_student.pt"), load_checkpoint(best)), "checkpoints")
+    upload_checkpoints(cfg, tracker, result, log_model)
     return result
+
+
+def upload_checkpoints(cfg: DictConfig, tracker: Tracker, result: FitResult, log_model: bool = False) -> None:
+    """What of a finished run's checkpoints goes to MLflow (``logger.log_checkpoints``): ``all``, both
+    training states; ``student`` (the default), the best epoch's weights once: as an MLflow PyTorch
+    model named ``student`` with ``log_model`` (``logger.log_model``), else as ``checkpoints/best_student.pt``
+    (also where the model cannot be logged); ``none``, no checkpoint. ``log_model`` logs the model
+    whatever ``log_checkpoints`` says. The run folder keeps everything."""
+    upload = Upload(cfg.logger.log_checkpoints)
+    best = result.best_checkpoint
+    if upload == Upload.all:
+        for path in (best, result.last_checkpoint):
+            tracker.log_artifact(path, "checkpoints")
+    if not (tracker.enabled and tracker.run_id and best.is_file()) or not (log_model or upload == Upload.student):
+        return
+    student = save_student(best.with_name(f"{best.stem}_student.pt"), load_checkpoint(best))
+    logged = log_model and log_student_model(tracker, student, cfg.dataset.crop_size) is not None
+    if upload == Upload.student and not logged:
+        tracker.log_artifact(student, "checkpoints")
+
+
+def log_student_model(tracker: Tracker, path: Path, size: int) -> str | None:
+    """The model of the checkpoint ``path`` as an MLflow PyTorch model named ``student``, with a
+    signature and an input example of one image at ``size`` x ``size``; its URI, for
+    ``mlflow.pytorch.load_model``, or None where the store refused it."""
+    model, _ = load_model(path)
+    example = torch.zeros(1, 3, size, size).numpy()
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"segmentation-models-pytorch=={smp.__version__}"]
+    uri = tracker.log_model(model.cpu().eval(), example, "student", requirements)
+    if uri:
+        print(f"student logged as an MLflow model: mlflow.pytorch.load_model('{uri}')", flush=True)
+    return uri
 
 
 def log_skipped(cfg: DictConfig, tracker: Tracker, datasets: tuple, plan: Plan) -> None:

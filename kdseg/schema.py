@@ -215,6 +215,8 @@ class LoggerConf:
     experiment_name: str = MISSING
     run_name: Optional[str] = MISSING
     log_checkpoints: Upload = MISSING
+    log_model: bool = MISSING
+    system_metrics: bool = MISSING
     retries: int = at_least(0)
     retry_wait_s: float = non_negative()
 

@@ -26,6 +26,7 @@ from kdseg.models import count_params, model_name
 from kdseg.resume import Plan, plan_run, run_config
 from kdseg.runtime import seed_everything
 from kdseg.tracking import Tracker, run_params
+from kdseg.tracking.fields import DESCRIPTION_TAG, dataset_inputs, describe
 from kdseg.utils import digest, drain
 
 CACHE_KEY_CHARS = 12
@@ -100,13 +101,17 @@ def train_teacher(
     own = teacher_config(cfg, plan.out_dir)
     record = run_config(own) | ({"teacher_cache": cache.name} if cache else {})
     params = run_params(own, dist.world_size()) | {"params/teacher_m": count_params(teacher) / 1e6}
-    tags = tags_for(record, shared=cache is not None)
+    tags = tags_for(record, shared=cache is not None, run_dir=plan.out_dir)
+    what = dict(what="teacher", model=model_name(cfg.teacher.model), terms={}, dataset=cfg.dataset.name, seed=train.seed, run_dir=plan.out_dir)
+    tags[DESCRIPTION_TAG] = describe(**what)
     if cache is not None:
         params["teacher_cache"] = cache.name
         tags |= {"teacher_cache": cache.name, "teacher_cache_key": digest(cache_key(cfg), CACHE_KEY_CHARS)}
         write_config(own, plan.out_dir)  # the teacher's folder holds the teacher's config, not the job's
     name = f"teacher-{model_name(cfg.teacher.model)}-{cfg.dataset.name}"
     with plan.active("teacher", cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, plan.out_dir):
+        if not plan.resuming:
+            tracker.log_inputs(dataset_inputs(cfg.dataset, datasets))
         log_skipped(cfg, tracker, datasets, plan)
         result = drain(fit_steps(
             cfg, tracker, Distiller(teacher), datasets, plan, device,
@@ -115,6 +120,7 @@ def train_teacher(
         ))
         if dist.is_main():
             log_speed(cfg, tracker, {"teacher": teacher}, device)
+            tracker.describe(describe(**what, result={"final_miou": result.final_miou, "best_miou": result.best_miou}))
     print(f"teacher val mIoU {100 * result.final_miou:.2f} -> {result.last_checkpoint}")
     return result
 

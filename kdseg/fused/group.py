@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -171,11 +172,14 @@ def member_label(cfg: DictConfig) -> str:
     return f"{model_name(cfg.student)} {term_label(active_terms(weights))} seed {cfg.seed}"
 
 
-def run_group(cfgs: Sequence[DictConfig], device: torch.device, val_cache_mib: float = 2048) -> list[Member]:
+def run_group(cfgs: Sequence[DictConfig], device: torch.device, val_cache_mib: float = 2048,
+              hydra_cfgs: Sequence[DictConfig] | None = None) -> list[Member]:
     """Train the jobs ``cfgs`` (resolved configs that agree on :func:`group_key`) together; returns the
     members, each with its final val mIoU (``result``) or the exception it failed with.
 
-    ``val_cache_mib``: decoded val batches kept for every member's evaluations (:class:`SharedVal`)."""
+    ``val_cache_mib``: decoded val batches kept for every member's evaluations (:class:`SharedVal`).
+    ``hydra_cfgs``: the jobs' whole configs (Hydra's node included), each set as Hydra's config while
+    its member is set up (its run's tags, name and description read the job's own overrides)."""
     cfg = cfgs[0]
     if cfg.teacher.grad:
         raise ConfigError("teacher.grad=true back-propagates into the teacher of each run: its runs cannot share a teacher pass (hydra/launcher=fused)")
@@ -190,7 +194,9 @@ def run_group(cfgs: Sequence[DictConfig], device: torch.device, val_cache_mib: f
                 member.trainer.stop_signal = signal.Signals(signum).name
 
     try:
-        for member in members:  # set up as a run of its own, restore, stop before the first epoch
+        for i, member in enumerate(members):  # set up as a run of its own, restore, stop before the first epoch
+            if hydra_cfgs is not None:
+                HydraConfig.instance().set_config(hydra_cfgs[i])
             member.trainer = member.advance()
             if member.trainer is not None:
                 member.trainer.prefix = f"[{member_label(member.cfg)}] "

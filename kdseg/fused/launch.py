@@ -155,7 +155,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 first = batch[0].resolved
                 device = resolve_device(first.trainer.device)
                 configure_backends(first.trainer, device)
-                members = run_group([job.resolved for job in batch], device, launcher.val_cache_mib)
+                members = run_group([job.resolved for job in batch], device, launcher.val_cache_mib, [job.config for job in batch])
             for job, member in zip(batch, members):
                 returns[job.idx] = job.end(launcher, member.result, member.failed)
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)

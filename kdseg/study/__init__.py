@@ -1,6 +1,6 @@
 """A fair comparison, end to end: ``python -m kdseg.study NAME [key=value ...] [-- job overrides ...]``.
 
-``NAME`` is a study of ``conf/study/`` (``fair_zoo``: every zoo method against a baseline tuned
+``NAME`` is a study of ``sweeps/studies/`` (``fair_zoo``: every zoo method against a baseline tuned
 with the same budget). Its keys can be changed on the command line (``trials=4 seeds=[0,1]
 methods=[kd,cwd]``); everything after ``--`` is passed to every job (``dataset=voc
 dataset.root=... teacher.checkpoint=...``). The stages, each a multirun of ``run.py`` in
@@ -53,7 +53,7 @@ from kdseg.teacher import cache_path, cached_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
-STUDY_DIR = CONF_DIR / "study"
+STUDY_DIR = ROOT / "sweeps" / "studies"
 RUN_PY = ROOT / "run.py"
 STATE = "study.json"
 BASELINE = "none"
@@ -64,7 +64,7 @@ STAGES = ("teacher", "tune", "final", "time", "summary")
 
 
 def load_study(name: str, changes: Sequence[str]) -> DictConfig:
-    """``conf/study/<name>.yaml`` with ``key=value`` changes; unknown keys and bad values are one-line errors."""
+    """``sweeps/studies/<name>.yaml`` with ``key=value`` changes; unknown keys and bad values are one-line errors."""
     path = STUDY_DIR / f"{name}.yaml"
     if not path.is_file():
         found = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))

@@ -1,7 +1,7 @@
 """``task=distill`` (the default): train the student with cross-entropy + the active distillation terms."""
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from kdseg.job import FitResult, build, fit_steps, log_skipped, log_speed, plan_
 from kdseg.models import count_params, load_pretrained, model_name
 from kdseg.profile import check_input_size
 from kdseg.runtime import rng_digest, rng_state, seed_everything, set_rng_state
+from kdseg.sweep import swept_keys
 from kdseg.teacher import get_teacher
 from kdseg.tracking import Tracker, run_params
+from kdseg.tracking.fields import DESCRIPTION_TAG, dataset_inputs, describe, in_multirun, job_overrides
 from kdseg.utils import digest, drain
 from kdseg.viz import save_prediction_grid
 
@@ -91,14 +93,21 @@ def distill(cfg: DictConfig, tracker: Tracker, device: torch.device, group: Any 
     else:
         datasets = build_datasets(cfg.dataset)
         teacher_ckpt, teacher_path = get_teacher(cfg, datasets, teacher, device) if terms and pretrained is None else (None, pretrained)
-    name = cfg.logger.run_name or f"distill-{model_name(cfg.student)}-{label}-seed{cfg.seed}"
+    overrides = job_overrides() if in_multirun() else None  # now: a fused group's Hydra config is this job's only while it is set up
+    name = cfg.logger.run_name or run_name(model_name(cfg.student), label, cfg.seed, overrides or [])
     params = run_params(cfg, dist.world_size()) | {"params/student_m": count_params(student) / 1e6, "loss.term_order": ",".join(cfg.loss.terms)}
     if teacher is not None:
         params["params/teacher_m"] = count_params(teacher) / 1e6
         params["teacher_checkpoint"] = str(teacher_path)
-    tags = tags_for(plan.config)
     out_dir = plan.out_dir
+    teacher_name = model_name(cfg.teacher.model) if terms else None
+    weights = {term: float(cfg.loss.terms[term].weight) for term in terms}
+    what = dict(what="distill", model=model_name(cfg.student), teacher=teacher_name, terms=weights, dataset=cfg.dataset.name,
+                seed=cfg.seed, run_dir=out_dir, overrides=overrides)
+    tags = tags_for(plan.config, run_dir=out_dir) | {DESCRIPTION_TAG: describe(**what)}
     with plan.active("distill", cfg.paths.cache_dir), tracker.run(name, params, tags, plan.mlflow_run_id, out_dir) as run_id:
+        if not plan.resuming:
+            tracker.log_inputs(dataset_inputs(cfg.dataset, datasets))
         log_skipped(cfg, tracker, datasets, plan)
         teacher_miou = teacher_ckpt["metrics"]["miou"] if teacher_ckpt else None
         if teacher_miou is not None and not plan.resuming:
@@ -106,18 +115,30 @@ def distill(cfg: DictConfig, tracker: Tracker, device: torch.device, group: Any 
         result = yield from fit_steps(
             cfg, tracker, model, datasets, plan, device,
             trainer_cfg=cfg.trainer, epochs=cfg.trainer.epochs, model_cfg=model_config(cfg.student), seed=cfg.seed,
-            loaders=group.loaders if group is not None else None,
+            loaders=group.loaders if group is not None else None, log_model=cfg.logger.log_model,
         )
         if dist.is_main():
             write_artifacts(cfg, tracker, out_dir, result, student, teacher, label, device)
             log_speed(cfg, tracker, {"student": student, "teacher": teacher}, device)
+            tracker.describe(describe(**what, result={"final_miou": result.final_miou, "best_miou": result.best_miou}))
     print(f"\nstudent {model_name(cfg.student)} ({label}) val mIoU: {100 * result.final_miou:.2f} (best {100 * result.best_miou:.2f})")
     if teacher_miou is not None:
         print(f"teacher {model_name(cfg.teacher.model)} val mIoU: {100 * teacher_miou:.2f}")
     print(f"outputs: {out_dir}")
     if run_id:
-        print(f"MLflow run {run_id} in {tracker.tracking_uri}\nbrowse: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+        print(tracker.ui_hint())
     return result.final_miou
+
+
+def run_name(student: str, label: str, seed: int, overrides: Sequence[str]) -> str:
+    """A distill run's default name: ``resnet18 pi+pa seed0``; in a multirun that sweeps other keys too
+    (a learning rate, a term's option), their values come before the seed (``resnet18 kd base_lr=0.01 seed0``),
+    so that the names of a sweep's runs differ."""
+    skip = {"seed", "loss", "student"}
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    extra = [f"{key.removeprefix('loss.terms.').removeprefix('trainer.').removeprefix('+')}={given[key]}"
+             for key in swept_keys() if key not in skip and key in given]
+    return " ".join([student, label, *extra, f"seed{seed}"])
 
 
 def write_artifacts(

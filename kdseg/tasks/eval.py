@@ -22,6 +22,7 @@ from kdseg.job import model_tags, tags_for, write_config
 from kdseg.models import INPUT_MULTIPLE, input_multiple, model_name
 from kdseg.teacher import cache_path
 from kdseg.tracking import Tracker
+from kdseg.tracking.fields import select_params
 from kdseg.train import epoch_metrics, evaluate
 from kdseg.utils import flatten
 
@@ -56,7 +57,7 @@ def eval_record(cfg: DictConfig, path: Path, ckpt: dict, tracker: Tracker) -> tu
     else:
         what = model_name(ckpt["model"])
     own = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("eval", "dataset")} | {"device": cfg.trainer.device}
-    params = config | {f"{EVAL_PREFIX}{key}": value for key, value in flatten(own).items()}
+    params = select_params(config) | {f"{EVAL_PREFIX}{key}": value for key, value in flatten(own).items()}
     params |= {"checkpoint": str(path), "dist.world_size": dist.world_size()}
     training_run = ckpt.get("mlflow_run_id")
     if training_run:

@@ -134,14 +134,16 @@ def test_parallel_sweep_logs_every_run_to_one_mlflow_server(tmp_path, session_di
     by_task: dict[str, list] = {}
     for r in runs:
         by_task.setdefault(r.data.tags["task"], []).append(r)
-    assert sorted(by_task) == ["distill", "summary", "teacher"], sorted(by_task)
+    assert sorted(by_task) == ["distill", "sweep", "teacher"], sorted(by_task)
     assert len(by_task["teacher"]) == 1  # the teacher cache lock: one job trained it, the other waited
     distill = by_task["distill"]
     assert sorted(r.data.params["seed"] for r in distill) == ["0", "1"]
     assert all(r.info.status == "FINISHED" and "val/miou" in r.data.metrics for r in distill)
     (sweep_id,) = {r.data.tags["sweep_id"] for r in distill}
-    (summary,) = by_task["summary"]
-    assert summary.data.tags["sweep_id"] == sweep_id and summary.data.params["n_runs"] == "2"
+    (summary,) = by_task["sweep"]  # the sweep's parent run: every job (of either worker) nested under it
+    assert summary.data.tags["sweep_id"] == sweep_id and summary.data.metrics["n_runs"] == 2
+    assert all(r.data.tags["mlflow.parentRunId"] == summary.info.run_id for r in distill)
+    assert "mlflow.parentRunId" not in by_task["teacher"][0].data.tags  # the cached teacher serves every sweep
     artifacts = {a.path for a in client.list_artifacts(summary.info.run_id)}
     assert {"summary.md", "summary.csv"} <= artifacts
     for r in distill:  # artifacts went through the server into its artifact root
@@ -167,8 +169,10 @@ def test_submitit_job_runs_ddp_inside(tmp_path, session_dir):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("kdseg")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["task"] for r in runs) == ["distill", "summary"]
+    assert sorted(r.data.tags["task"] for r in runs) == ["distill", "sweep"]
     (run,) = [r for r in runs if r.data.tags["task"] == "distill"]
+    (parent,) = [r for r in runs if r.data.tags["task"] == "sweep"]
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id  # a SLURM task reads the parent from the sweep folder
     assert run.info.status == "FINISHED" and run.data.params["dist.world_size"] == "2"
     assert (tmp_path / "multirun" / "0" / "last.pt").is_file() and (tmp_path / "multirun" / "summary.md").is_file()
     logs = sorted((tmp_path / "multirun" / ".submitit").rglob("*_log.out"))

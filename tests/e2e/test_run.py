@@ -83,6 +83,34 @@ def test_default_upload_is_the_best_student_alone(make_cfg, tmp_path):
     assert student["state_dict"].keys() == best["state_dict"].keys()
 
 
+def test_logged_model_is_the_best_student_and_its_only_upload(make_cfg, tmp_path, capsys, monkeypatch):
+    """logger.log_model=true: the best epoch's student as an MLflow PyTorch model, which
+    mlflow.pytorch.load_model("runs:/<id>/student") loads and which predicts the checkpoint's logits;
+    with it, best_student.pt is not uploaded again (one copy of the student in MLflow)."""
+    import mlflow
+    import mlflow.pytorch
+
+    from kdseg.checkpoint import load_model
+
+    import kdseg.tracking
+
+    monkeypatch.setattr(kdseg.tracking, "SYSTEM_METRICS_INTERVAL_S", 1)  # a sample a second: a smoke run is short
+    cfg = make_cfg("loss=kd", "logger.run_name=e2e-model", "logger.log_model=true", "logger.system_metrics=true")
+    run(cfg)
+    client, mrun = mlflow_run(cfg, "e2e-model")
+    assert f"mlflow.pytorch.load_model('runs:/{mrun.info.run_id}/student')" in capsys.readouterr().out
+    assert [a.path for a in client.list_artifacts(mrun.info.run_id, "checkpoints")] == []
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    logged = mlflow.pytorch.load_model(f"runs:/{mrun.info.run_id}/student")
+    reference, _ = load_model(tmp_path / "out" / "best.pt")
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(logged.eval()(images), reference.eval()(images))
+    (model,) = client.search_logged_models([mrun.info.experiment_id], filter_string=f"source_run_id = '{mrun.info.run_id}'")
+    assert model.name == "student"
+    assert any(key.startswith("system/") for key in mrun.data.metrics)  # logger.system_metrics: MLflow's monitor
+
+
 def test_teacher_is_cached_and_reused(make_cfg, capsys):
     cfg = make_cfg("loss=pi")
     run(cfg)
@@ -107,7 +135,8 @@ def test_the_cached_teachers_runs_record_the_teacher(make_cfg, tmp_path):
     assert (tags["task"], tags["teacher"], tags["student"], tags["loss"], tags["seed"]) == ("teacher", "resnet18", "-", "ce", "2")
     assert "sweep_id" not in tags and tags["teacher_cache_key"] in path.name
     assert (params["task"], params["seed"], params["teacher.train.seed"], params["teacher_cache"]) == ("teacher", "2", "2", path.name)
-    assert params["paths.output_dir"] == str(path.parent / f"{path.stem}-run")
+    assert tags["run_dir"] == str((path.parent / f"{path.stem}-run").resolve()) and "paths.output_dir" not in params
+    assert "mlflow.parentRunId" not in tags and tags["mlflow.note.content"].startswith("**teacher** `resnet18`")
     assert params["trainer.epochs"] == str(cfg.teacher.train.epochs)
     assert not any(key.startswith(("student.", "loss.", "logger.")) for key in params)
     assert load_checkpoint(path)["config"]["teacher.train.seed"] == 2

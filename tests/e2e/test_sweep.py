@@ -1,5 +1,5 @@
-"""Multiruns: sweep ids, the summary file and MLflow run, ``python -m kdseg.report``, and every sweep in both forms
-(``sweep=X`` and ``--config-dir sweeps --config-name X``)."""
+"""Multiruns: sweep ids, the summary file, the sweep's MLflow parent run with its runs nested under it,
+``python -m kdseg.report``, and every sweep in both forms (``sweep=X`` and ``--config-dir sweeps --config-name X``)."""
 from __future__ import annotations
 
 import os
@@ -19,14 +19,16 @@ FORMS = {"group": lambda sweep: [f"sweep={sweep}"], "file": lambda sweep: ["--co
 """The two ways to pick a sweep: its config group option, or its file in sweeps/ as the primary config."""
 
 
-def multirun(tmp_path: Path, session_dir: Path, *args: str, default_uri: bool = False, env: dict | None = None) -> tuple[str, Path]:
+def multirun(tmp_path: Path, session_dir: Path, *args: str, default_uri: bool = False, env: dict | None = None,
+             after: tuple[str, ...] = ()) -> tuple[str, Path]:
     """Run a smoke multirun in tmp_path; ``default_uri`` keeps the config's own tracking URI
-    (``mlflow.db`` in the directory the user runs from) instead of passing one."""
+    (``mlflow.db`` in the directory the user runs from) instead of passing one; ``after``: overrides
+    of the smoke settings (given after them)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [
         sys.executable, str(ROOT / "run.py"), "-m", *args, *SMOKE,
         f"paths.data_dir={session_dir}/data", f"paths.cache_dir={session_dir}/cache",
-        f"hydra.sweep.dir={tmp_path}/multirun", *([] if default_uri else [f"logger.tracking_uri={uri}"]),
+        f"hydra.sweep.dir={tmp_path}/multirun", *([] if default_uri else [f"logger.tracking_uri={uri}"]), *after,
     ]
     env = {k: v for k, v in (env or os.environ).items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
@@ -34,8 +36,18 @@ def multirun(tmp_path: Path, session_dir: Path, *args: str, default_uri: bool = 
     return uri, tmp_path / "multirun"
 
 
-def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
-    uri, sweep_dir = multirun(tmp_path, session_dir, "seed=0,1", "loss=none,pi")
+def parent_of(client: MlflowClient, experiment_id: str, sweep_id: str):
+    """The one parent run of a sweep."""
+    (parent,) = client.search_runs([experiment_id], f"tags.task = 'sweep' and tags.sweep_id = '{sweep_id}'")
+    return parent
+
+
+def test_seed_sweep_is_a_parent_run_with_nested_children(tmp_path, session_dir):
+    """``python run.py -m seed=0,1 loss=none,pi_pa trainer=smoke``: one parent run (the multirun's overrides
+    as params) with the 4 runs nested under it, uniquely named, each with its data, description, commit and
+    one uploaded checkpoint (the student's); the summary (files, figures, metrics in points) is the parent's,
+    and ``python -m kdseg.report`` rebuilds it and updates the same parent."""
+    uri, sweep_dir = multirun(tmp_path, session_dir, "seed=0,1", "loss=none,pi_pa", after=("logger.log_checkpoints=student",))
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("kdseg")
     children = client.search_runs([exp.experiment_id], "tags.task = 'distill'")
@@ -43,6 +55,30 @@ def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
     sweep_ids = {r.data.tags["sweep_id"] for r in children}
     assert len(sweep_ids) == 1 and sweep_ids != {""}
     (sweep_id,) = sweep_ids
+    parent = parent_of(client, exp.experiment_id, sweep_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"sweep-{sweep_id}"
+    assert {"seed": "0,1", "loss": "none,pi_pa"}.items() <= parent.data.params.items()
+    assert parent.data.tags["swept"] == "seed,loss" and parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert sorted(r.info.run_name for r in children) == [
+        "resnet18 none seed0", "resnet18 none seed1", "resnet18 pi+pa seed0", "resnet18 pi+pa seed1"]
+    assert len(client.search_runs([exp.experiment_id], "tags.task = 'summary'")) == 0  # no separate summary run any more
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for run in children:
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == commit and tags["git_dirty"] in ("true", "false")
+        assert tags["mlflow.source.name"] == str(ROOT / "run.py") and "seed=0,1 loss=none,pi_pa" in tags["command"]
+        assert Path(tags["run_dir"]).parent == sweep_dir.resolve() and (Path(tags["run_dir"]) / "best.pt").is_file()
+        note = tags["mlflow.note.content"]
+        assert f"**{100 * run.data.metrics['val/miou']:.2f}%**" in note and f"seed {tags['seed']}" in note
+        assert ("`pi` × 100, `pa` × 1" in note) == (tags["loss"] == "pi+pa")
+        inputs = {(d.dataset.name, tuple(t.value for t in d.tags)) for d in run.inputs.dataset_inputs}
+        assert inputs == {("synthetic/train", ("training",)), ("synthetic/val", ("validation",))}
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best_student.pt"]
+        assert not any(k.startswith(("paths.", "logger.")) or k.endswith("._target_") for k in run.data.params)
+        assert not any(k.startswith("loss.terms.kd.") for k in run.data.params)  # a term at weight 0
+        assert ("loss.terms.pi.weight" in run.data.params) == (tags["loss"] == "pi+pa")
 
     # the real-time figures: columns of the summary, from the runs' speed/* metrics
     header = (sweep_dir / "summary.md").read_text().splitlines()[0]
@@ -52,23 +88,34 @@ def test_seed_sweep_summary_matches_child_runs(tmp_path, session_dir):
     csv_rows = (sweep_dir / "summary.csv").read_text().splitlines()
     assert len(csv_rows) == 3
     md = (sweep_dir / "summary.md").read_text()
-    for loss in ("none", "pi"):
+    for loss in ("none", "pi+pa"):
         values = [r.data.metrics["val/miou"] for r in children if r.data.tags["loss"] == loss]
         mean, std = statistics.fmean(values), statistics.stdev(values)
         assert f"{100 * mean:.2f} ± {100 * std:.2f}" in md
         assert any(f"{mean!r}" in row or f"{mean}" in row for row in csv_rows)
+        for run in (r for r in children if r.data.tags["loss"] == loss):  # the setting's summary, in points, on its runs
+            metrics = client.get_run(run.info.run_id).data.metrics
+            assert metrics["sweep/miou_mean"] == pytest.approx(100 * mean) and metrics["sweep/n_seeds"] == 2
+    parent = client.get_run(parent.info.run_id)
+    assert {"summary.md", "summary.csv", "summary_table.json", "gains.png", "qualitative.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["n_runs"] == 4 and parent.data.metrics["n_settings"] == 2
+    assert md in parent.data.tags["mlflow.note.content"]
+    best = max(("none", "pi+pa"), key=lambda loss: statistics.fmean(
+        r.data.metrics["val/miou"] for r in children if r.data.tags["loss"] == loss))
+    assert parent.data.tags["best_setting"] == f"resnet18 {best}"
 
-    summaries = client.search_runs([exp.experiment_id], f"tags.task = 'summary' and tags.sweep_id = '{sweep_id}'")
-    assert len(summaries) == 1
-    artifacts = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
-    assert {"summary.md", "summary.csv"} <= artifacts
-
+    (sweep_dir / "summary.md").unlink()
     report = subprocess.run(
         [sys.executable, "-m", "kdseg.report", "--tracking-uri", uri, "--sweep-id", sweep_id, "--per-class"],
         capture_output=True, text=True, check=True,
     ).stdout
     assert report.startswith(md) and "min wall time" in md
     assert "| background |" in report
+    assert f"parent run {parent.info.run_id} updated" in report
+    assert (sweep_dir / "summary.md").read_text() == md  # rebuilt in the sweep's folder
+    assert len(client.search_runs([exp.experiment_id], f"tags.task = 'sweep' and tags.sweep_id = '{sweep_id}'")) == 1
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def composed(*args: str) -> tuple[dict, dict]:
@@ -122,8 +169,12 @@ def test_every_sweep_runs_at_smoke_size(tmp_path, session_dir, sweep, form):
     # (the summary callback runs after Hydra has unset its config)
     uri, sweep_dir = multirun(tmp_path, session_dir, *FORMS[form](sweep), *overrides, default_uri=sweep == "seeds")
     assert (sweep_dir / "summary.md").is_file()
-    assert len(MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name("kdseg").experiment_id], "tags.task = 'summary'")) == 1
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdseg").experiment_id
+    (parent,) = client.search_runs([exp], "tags.task = 'sweep'")
+    children = client.search_runs([exp], "tags.task = 'distill'")
+    assert children and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert "summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     if sweep == "paper_table":
         # one figure per student; qualitative.png is the larger student's (ResNet-18, as in the paper)
         figure = (sweep_dir / "qualitative.png").read_bytes()

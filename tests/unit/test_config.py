@@ -358,3 +358,19 @@ def test_every_loss_option_has_a_search_space_of_its_own_knobs(make_cfg, option)
 
     space = search_space(make_cfg(f"loss={option}"), option)
     assert space and all(isinstance(v, str) and ("interval(" in v or "choice(" in v) for v in space.values())
+
+
+def test_help_lists_only_the_groups_and_options_a_user_picks():
+    """``python run.py --help``: no internal node (the terms list under every loss option) and no folder that
+    is not a group of run.py (the study presets, which kdseg.study reads)."""
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True, check=True, timeout=120).stdout
+    section = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = dict(line.split(": ", 1) for line in section.splitlines() if ": " in line)
+    assert sorted(groups) == ["dataset", "eval", "experiment", "logger", "loss", "paths", "student", "sweep", "teacher", "trainer",
+                              "trainer/optimizer"]
+    assert groups["loss"].split(", ") == options("loss") and "_terms" not in out

@@ -1,19 +1,17 @@
 """Seed aggregation: group runs by setting (everything but the seed) -> mean +- std tables.
 
-Used by the multirun callback (:mod:`kdseg.sweep`) and on its own, to rebuild a sweep's
-table from any MLflow store::
+Used by the multirun callback (:mod:`kdseg.sweep`) and on its own (:mod:`kdseg.report.__main__`),
+to rebuild a sweep's table from any MLflow store::
 
     python -m kdseg.report --tracking-uri sqlite:///mlflow.db --sweep-id 1a2b3c4d5e [--per-class]
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import re
 import statistics
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,28 +434,3 @@ def write_summary(out_dir: str | Path, records: Sequence[RunRecord], unfinished:
     csv_path = out_dir / "summary.csv"
     csv_path.write_text(to_csv(rows))
     return md, csv_path, rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdseg.report", description="Seed-averaged table of kdseg runs from an MLflow store.")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: sqlite:///mlflow.db)")
-    parser.add_argument("--experiment", default=None, help="MLflow experiment name (default: all)")
-    parser.add_argument("--sweep-id", default=None, help="only runs tagged with this sweep id")
-    parser.add_argument("--per-class", action="store_true", help="also print per-class IoU")
-    parser.add_argument("--out", default=None, help="also write summary.md / summary.csv into this folder")
-    args = parser.parse_args(argv)
-    try:
-        records, unfinished = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
-    except ValueError as err:
-        sys.exit(f"kdseg.report: {err}")
-    rows = summarize(records)
-    print(to_markdown(rows, teacher_row(records), unfinished, wall_time(records) if args.sweep_id else None), end="")
-    if args.per_class:
-        print()
-        print(per_class_markdown(rows), end="")
-    if args.out:
-        write_summary(args.out, records, unfinished)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -26,8 +24,9 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from kdseg.errors import TrackingError, TrainingInterrupted, one_line, reported
-from kdseg.utils import flatten, is_setting
+from kdseg.errors import TrackingError, TrainingInterrupted, one_line
+from kdseg.tracking.fields import DESCRIPTION_TAG, select_params
+from kdseg.utils import flatten
 
 PENDING_FILE = "mlflow_pending.jsonl"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -42,16 +41,10 @@ WARNING_CHARS = 200
 """How much of a store's error message a retry / fallback warning quotes (one line of output)."""
 ERROR_CHARS = 300
 """How much of a store's error message the one-line error that stops a run quotes."""
-
-
-def git_commit(path: str | os.PathLike = ".") -> str:
-    """The current commit of the repository at ``path`` (``unknown`` outside git)."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+UI_ADDRESS = "http://127.0.0.1:5000"
+"""Where ``mlflow ui`` serves by default."""
+SYSTEM_METRICS_INTERVAL_S = 10
+"""Seconds between samples of ``logger.system_metrics`` (MLflow's CPU, memory, disk, network and GPU monitor)."""
 
 
 def _store_lock(tracking_uri: str):
@@ -85,10 +78,13 @@ class Tracker:
         enabled: bool = True,
         retries: int = 3,
         retry_wait_s: float = 2.0,
+        system_metrics: bool = False,
     ) -> None:
         self.enabled = enabled
         self.tracking_uri = tracking_uri
         self.retries, self.retry_wait_s = retries, retry_wait_s
+        self.system_metrics = system_metrics
+        self.monitor: Any = None
         self.run_id: str | None = None
         self.pending: list[dict] = []
         self.pending_file: Path | None = None
@@ -129,7 +125,8 @@ class Tracker:
     def from_config(cls, logger: DictConfig, enabled: bool = True) -> "Tracker":
         """The tracker of the ``logger`` config; ``enabled=False`` turns it off whatever the config says
         (the caller's decision, e.g. on DDP ranks > 0, for which rank 0 logs)."""
-        return cls(logger.tracking_uri, logger.experiment_name, logger.enabled and enabled, logger.retries, logger.retry_wait_s)
+        return cls(logger.tracking_uri, logger.experiment_name, logger.enabled and enabled, logger.retries, logger.retry_wait_s,
+                   logger.get("system_metrics", False))
 
     # -------------------------------------------------------------------- calls with retries
 
@@ -244,6 +241,7 @@ class Tracker:
                 except Exception as err:
                     print(f"warning: MLflow run {run_id} not marked RUNNING again ({one_line(err)[:WARNING_CHARS]})", flush=True)
                 self.set_tags(tags)
+                self._start_monitor(resumed=True)
                 return run_id
         try:
             run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
@@ -253,7 +251,22 @@ class Tracker:
                 self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + PARAMS_PER_BATCH])
         except Exception as err:
             raise TrackingError(f"MLflow tracking store '{self.tracking_uri}' failed to create the run ({one_line(err)[:ERROR_CHARS]})") from err
+        self._start_monitor(resumed=False)
         return self.run_id
+
+    def _start_monitor(self, resumed: bool) -> None:
+        """With ``logger.system_metrics``: MLflow's system monitor samples this machine into the run."""
+        if not self.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                resume_logging=resumed, tracking_uri=self.tracking_uri)
+            self.monitor.start()
+        except Exception as err:
+            self.monitor = None
+            print(f"warning: MLflow system metrics not started ({one_line(err)[:WARNING_CHARS]})", flush=True)
 
     @contextmanager
     def run(
@@ -277,11 +290,12 @@ class Tracker:
             raise
         self.end()
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or self.run_id is None:
+    def log_metrics(self, metrics: dict[str, float], step: int, run_id: str | None = None) -> None:
+        """``metrics`` at ``step`` of this run (or of ``run_id``: a sweep's parent logs its children's summary)."""
+        if not self.enabled or (run_id or self.run_id) is None:
             return
         now = int(time.time() * 1000)
-        self._do({"op": "metrics", "run_id": self.run_id, "step": step, "timestamp": now,
+        self._do({"op": "metrics", "run_id": run_id or self.run_id, "step": step, "timestamp": now,
                   "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def logged_steps(self, key: str) -> set[int]:
@@ -315,9 +329,88 @@ class Tracker:
         if self.enabled and self.run_id and Path(path).exists():
             self._do({"op": "artifact", "run_id": self.run_id, "path": str(path), "artifact_path": artifact_path})
 
+    def log_inputs(self, inputs: list[tuple[dict[str, str], str]]) -> None:
+        """MLflow dataset inputs, ``(fields of mlflow.entities.Dataset, context)`` each (see
+        :func:`kdseg.tracking.fields.dataset_inputs`); a store that refuses them is a warning."""
+        if not (self.enabled and self.run_id):
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        found = [DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", context)]) for fields, context in inputs]
+        try:
+            self._call("log_inputs", self.client.log_inputs, self.run_id, datasets=found)
+        except Exception as err:
+            print(f"warning: MLflow dataset inputs not logged ({one_line(err)[:WARNING_CHARS]})", flush=True)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """A table (column -> values) as a JSON artifact MLflow shows as a table; a refusal is a warning."""
+        if not (self.enabled and self.run_id):
+            return
+        try:
+            self._call("log_table", self.client.log_table, self.run_id, data, artifact_file)
+        except Exception as err:
+            print(f"warning: MLflow table {artifact_file} not logged ({one_line(err)[:WARNING_CHARS]})", flush=True)
+
+    def ui_hint(self, run_id: str | None = None) -> str:
+        """Where to look at a run (default: this one) in MLflow's UI: the command that serves a local
+        store, and the run's page, opened on the classic runs view (``workflowType=machine_learning``;
+        MLflow 3 otherwise opens an experiment on its GenAI pages)."""
+        run_id = run_id or self.run_id
+        if not (self.enabled and run_id):
+            return ""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            base, serve = self.tracking_uri.rstrip("/"), ""
+        else:
+            base, serve = UI_ADDRESS, f"mlflow ui --backend-store-uri {self.tracking_uri}\n  then open "
+        return (f"MLflow run {run_id} in {self.tracking_uri}\nbrowse: {serve}"
+                f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning")
+
+    def describe(self, markdown: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content``)."""
+        self.set_tags({DESCRIPTION_TAG: markdown})
+
+    def log_model(self, model: Any, example: Any, name: str, pip_requirements: list[str]) -> str | None:
+        """``model`` (on the CPU, in eval mode) as an MLflow PyTorch model named ``name`` of this run, with
+        the signature and input example of ``example`` (a numpy batch); its URI (``runs:/<id>/<name>``),
+        or None (with a warning) where the store refuses it. Saved with pickle (the classes it names,
+        smp's, must be importable where it is loaded)."""
+        if not (self.enabled and self.run_id):
+            return None
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        previous_uri, previous_experiment = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_ID")
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning about pickle: said in the docstring and docs
+        try:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id  # the logged model belongs to the run's experiment
+            self._call("log_model", mlflow.pytorch.log_model, model, name=name, run_id=self.run_id,
+                       signature=infer_signature(example, output), input_example=example,
+                       pip_requirements=pip_requirements, serialization_format="pickle")
+        except Exception as err:
+            print(f"warning: MLflow model {name} not logged ({one_line(err)[:WARNING_CHARS]})", flush=True)
+            return None
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+            if previous_experiment is None:
+                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            else:
+                os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
+        return f"runs:/{self.run_id}/{name}"
+
     def end(self, status: str = "FINISHED") -> None:
         if not (self.enabled and self.run_id):
             return
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception as err:
+                print(f"warning: MLflow system metrics not finished ({one_line(err)[:WARNING_CHARS]})", flush=True)
+            self.monitor = None
         self._do({"op": "terminate", "run_id": self.run_id, "status": status})
         if self.pending and not self.flush():
             where = f"kept in {self.pending_file}" if self.pending_file else "lost: no run folder to keep them in"
@@ -326,14 +419,14 @@ class Tracker:
 
 
 def run_params(cfg: DictConfig, world_size: int) -> dict[str, Any]:
-    """Flattened, resolved config without Hydra's own keys and what is not a setting
-    (:data:`NOT_SETTINGS`: a loss option's search space), and the number of DDP processes.
+    """Flattened, resolved config without what is not a setting (a loss option's search space), plumbing
+    (``_target_``, ``logger.*``, ``paths.*``) and options of inactive terms
+    (:func:`~kdseg.tracking.fields.select_params`), and the number of DDP processes.
 
     ``dist.world_size`` is a param (not a tag) because the global batch depends on it:
     runs with different world sizes are different settings in a sweep summary.
     """
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {key: value for key, value in flat.items() if is_setting(key)} | {"dist.world_size": world_size}
+    return select_params(flatten(OmegaConf.to_container(cfg, resolve=True))) | {"dist.world_size": world_size}
 
 
 def replay(pending_file: str | os.PathLike) -> int:
@@ -347,19 +440,3 @@ def replay(pending_file: str | os.PathLike) -> int:
     tracker.pending, tracker.pending_file = ops, path
     tracker.flush()
     return len(tracker.pending)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kdseg.tracking FILE``: send metrics and artifacts kept while MLflow was down."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(f"usage: python -m kdseg.tracking <run folder>/{PENDING_FILE}")
-        return 2
-    with reported():
-        left = replay(args[0])
-    print(f"{left} operation(s) still unsent" if left else "all kept MLflow operations sent")
-    return 1 if left else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
