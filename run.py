@@ -1,4 +1,4 @@
-"""kdseg entry point: ``python run.py [group=option ...] [key=value ...]`` (see README)."""
+"""kdseg entry point: ``python run.py [group=option ...] [key=value ...]`` (see README.md and docs/)."""
 import sys
 
 import hydra
