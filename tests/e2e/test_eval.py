@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from kdseg.checkpoint import load_checkpoint, model_config, save_checkpoint
 from kdseg.models import build_model
 from kdseg.tasks import run
+from kdseg.tracking.fields import select_params
 
 # ------------------------------------------------------------------------------ evaluate()
 
@@ -61,10 +62,11 @@ def test_an_eval_run_records_the_evaluated_checkpoint_and_its_training_run(make_
     assert {key: tags[key] for key in ("task", "trained_task", "student", "teacher", "loss", "dataset", "seed", "model")} == {
         "task": "eval", "trained_task": "distill", "student": "mobilenet_v2", "teacher": "resnet101", "loss": "pi",
         "dataset": "synthetic", "seed": "3", "model": "mobilenet_v2"}
-    # params: the checkpoint's training config under its own keys, the eval's settings under evaluation.
-    for key, value in ckpt["config"].items():
+    # params: the checkpoint's training settings under their own keys (no plumbing, no inactive term), the eval's under evaluation.
+    for key, value in select_params(ckpt["config"]).items():
         assert key == "checkpoint" or params[key] == str(value), key  # the training's own `checkpoint` key is unused (null)
-    assert (params["seed"], params["trainer.epochs"], params["loss.terms.pa.weight"]) == ("3", "1", "0")
+    assert "teacher.model._target_" not in params and not any(key.startswith("loss.terms.pa.") for key in params)
+    assert (params["seed"], params["trainer.epochs"], params["loss.terms.pi.weight"]) == ("3", "1", str(ckpt["config"]["loss.terms.pi.weight"]))
     assert params["evaluation.eval.flip"] == "True" and params["evaluation.dataset.name"] == "synthetic"
     assert params["checkpoint"] == str(tmp_path / "out" / "best.pt")  # absolute, though given relative
     source = latest_run(trained, "eval-source")
