@@ -10,6 +10,7 @@ import copy
 import errno
 import math
 import os
+from pathlib import Path
 import pickle
 import subprocess
 import sys
@@ -349,6 +350,21 @@ def test_same_as_links_and_the_names_stay_independent(tmp_path, monkeypatch):
     copy = save_checkpoint(tmp_path / "copy.pt", same_as=best)
     assert not copy.samefile(best) and copy.read_bytes() == best.read_bytes()
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_written_checkpoint_leaves_the_page_cache_unless_it_is_kept(tmp_path, monkeypatch):
+    """Training states are dropped from the page cache once fsynced (each new one would grow it);
+    a student written to be uploaded at once stays cached; a link writes no pages."""
+    dropped = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: dropped.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)))
+    best = save_checkpoint(tmp_path / "best.pt", state_dict={"w": torch.ones(2)}, model={}, epoch=1)
+    assert [(Path(name).name.startswith(".best.pt.tmp"), offset, length, advice) for name, offset, length, advice in dropped] == [
+        (True, 0, 0, os.POSIX_FADV_DONTNEED)]
+    save_checkpoint(tmp_path / "last.pt", keep_previous=True, same_as=best)
+    save_student(tmp_path / "best_student.pt", load_checkpoint(best) | {"model": dict(MODEL_CFG)})
+    save_checkpoint(tmp_path / "kept.pt", keep_cached=True, state_dict={}, model={})
+    assert len(dropped) == 1
+    assert torch.equal(load_checkpoint(best)["state_dict"]["w"], torch.ones(2))
 
 
 def test_save_student_keeps_weights_and_model_only(models, saved, tmp_path):
