@@ -13,7 +13,10 @@ dataset.root=... teacher.checkpoint=...``). The stages, each a multirun of ``run
    (``search:`` of ``conf/loss/<method>.yaml``): ``trials`` Optuna trials each (TPE, seeded,
    ``sweep=tune``), trained on the train split less a seeded held-out part
    (``dataset.tune_fraction``) and scored on that part; the val split is never read. A method's
-   trials train as one fused group (one teacher pass for all of them).
+   trials train as one fused group (one teacher pass for all of them). Trials upload no
+   checkpoint to MLflow, and once an option's best trial is recorded its trials' checkpoints
+   are deleted (their configs, metrics and figures stay): a study's disk use does not grow
+   with ``trials``.
 3. **final**: the tuned baseline and every method at its tuned values, ``seeds`` seeds each, on
    the whole train split, scored on val, each run alone (its s / epoch is its own).
 4. **time**: the tuned baseline trained for as many epochs as the costliest method's training
@@ -205,6 +208,19 @@ def best_trial(sweep_dir: Path) -> dict[str, Any]:
     return {"params": dict(found["best_params"]), "value": float(found["best_value"])}
 
 
+def drop_trial_checkpoints(sweep_dir: Path) -> int:
+    """Delete the checkpoints (``*.pt``) of a tuning multirun's trial folders (``<sweep_dir>/<job number>/``);
+    their configs, ``run.json``, metrics and figures stay. Returns the bytes freed."""
+    freed = 0
+    for trial in sweep_dir.iterdir():
+        if trial.is_dir() and trial.name.isdigit():
+            for path in trial.glob("*.pt"):
+                if path.is_file():
+                    freed += path.stat().st_size if path.stat().st_nlink == 1 else 0  # a hard link frees nothing alone
+                    path.unlink()
+    return freed
+
+
 def write_tuned_option(conf_dir: Path, method: str, params: dict[str, Any], note: str) -> str:
     """``<conf_dir>/loss/tuned_<method>.yaml``: the method's loss option at its tuned values; returns its name."""
     nested = OmegaConf.from_dotlist([f"{key.removeprefix('loss.')}={_value(v)}" for key, v in sorted(params.items())])
@@ -257,12 +273,14 @@ def tune(study: Study) -> dict:
                 f"dataset.tune_fraction={s.tune_fraction}", f"dataset.tune_seed={s.tune_seed}",
                 f"hydra.sweeper.n_trials={s.trials}", f"hydra.sweeper.n_jobs={batch}",
                 f"hydra.sweeper.sampler.seed={s.sampler_seed}", f"hydra.sweeper.study_name={study.name}-{option}",
-                f"hydra.launcher.max_students={s.max_students}",
+                f"hydra.launcher.max_students={s.max_students}", "logger.log_checkpoints=none",
                 *(f"{key}={space}" for key, space in spaces[option].items()),
             ])
             results[option] = best_trial(sweep_dir) | {"trials": s.trials, "space": spaces[option]}
             study.state["tuning"] = results
             study.save()
+            freed = drop_trial_checkpoints(sweep_dir)  # only now: a relaunch skips a recorded option
+            print(f"kdseg.study {study.name}: {option} tuned; deleted its trials' checkpoints ({freed / 2**30:.1f} GiB)", flush=True)
         if option == BASELINE:
             base = tuned_overrides(results[BASELINE]["params"])
     return {"baseline_overrides": base}

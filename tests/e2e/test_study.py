@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from kdseg.study import main as study_main
-from kdseg.study import tuned_overrides, write_tuned_option
+from kdseg.study import drop_trial_checkpoints, tuned_overrides, write_tuned_option
 from kdseg.sweep import sweep_id_for
 
 from ..conftest import CONF_DIR, ROOT, SMOKE
@@ -88,6 +88,7 @@ def test_smoke_study_tunes_without_val_then_reports_intervals_and_resumes(tmp_pa
             assert cfg.dataset.tune_fraction == 0.2 and cfg.dataset.tune_seed == 0
             if option != "none":  # at the baseline's tuned learning rate
                 assert cfg.trainer.base_lr == state["tuning"]["none"]["params"]["trainer.base_lr"]
+            assert not list(trial.glob("*.pt")) and (trial / "run.json").is_file()  # checkpoints deleted once tuned
     for i, data in saved.items():
         (root / "JPEGImages" / f"{i}.jpg").write_bytes(data)
 
@@ -95,6 +96,9 @@ def test_smoke_study_tunes_without_val_then_reports_intervals_and_resumes(tmp_pa
     assert "tune finished before" in text and "teacher finished before" in text
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("kdseg").experiment_id
+    for option in ("none", "kd", "at"):  # tuning trials upload no checkpoint
+        trials = client.search_runs([experiment], f"tags.sweep_id = '{sweep_id_for(out / 'tune' / option)}' and tags.task = 'distill'")
+        assert len(trials) == 2 and all(not client.list_artifacts(r.info.run_id, "checkpoints") for r in trials)
     final = client.search_runs([experiment], f"tags.sweep_id = '{sweep_id_for(out / 'final')}' and tags.task = 'distill'")
     assert sorted((r.data.tags["loss"], r.data.params["seed"]) for r in final) == [
         (loss, seed) for loss in ("at", "kd", "none") for seed in ("0", "1")]
@@ -117,6 +121,20 @@ def test_smoke_study_tunes_without_val_then_reports_intervals_and_resumes(tmp_pa
     text = study(tmp_path)  # finished: nothing is trained again
     assert all(f"{stage} finished before" in text for stage in ("teacher", "tune", "final", "time"))
     assert len(client.search_runs([experiment], "")) == n_runs
+
+
+def test_a_tuned_options_trial_checkpoints_are_deleted_and_counted_once(tmp_path):
+    for job, size in (("0", 1000), ("1", 3000)):
+        trial = tmp_path / job
+        trial.mkdir()
+        (trial / "best.pt").write_bytes(b"b" * size)
+        os.link(trial / "best.pt", trial / "last.pt")  # the last epoch was the best: one file, two names
+        (trial / "last.prev.pt").write_bytes(b"p" * 10)
+        (trial / "run.json").write_text("{}")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "kept.pt").write_bytes(b"x")  # not a trial's folder
+    assert drop_trial_checkpoints(tmp_path) == 1000 + 10 + 3000 + 10
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [".hydra/kept.pt", "0/run.json", "1/run.json"]
 
 
 def test_a_tuned_option_composes_to_the_tuned_values(tmp_path):
