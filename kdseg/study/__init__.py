@@ -168,6 +168,13 @@ class Study:
         self.state["stages"][stage] = result | {"wall_s": round(seconds, 1)}
         self.save()
 
+    def save_quietly(self) -> None:
+        """:meth:`save` where an error is already on its way (a full disk): a failed write only warns."""
+        try:
+            self.save()
+        except OSError as err:
+            print(f"warning: could not update {self.state_file} ({err.strerror or err})", flush=True)
+
     def common(self) -> list[str]:
         """Overrides of every job: the study's student, the user's job overrides, and once the teacher stage
         has found it, the teacher's checkpoint (the built-in data's cached teacher is pinned by its file:
@@ -349,7 +356,13 @@ def run_study(name: str, changes: Sequence[str], job_overrides: Sequence[str]) -
             print(f"kdseg.study {name}: {stage} finished before ({study.out / STATE})", flush=True)
         else:
             start = time.perf_counter()
-            study.record(stage, STAGE_FUNCTIONS[stage](study), time.perf_counter() - start)
+            try:
+                result = STAGE_FUNCTIONS[stage](study)
+            finally:  # a stage's wall time counts every launch's work on it, a failed one's too
+                study.state.setdefault("spent_s", {})
+                study.state["spent_s"][stage] = study.state["spent_s"].get(stage, 0.0) + time.perf_counter() - start
+                study.save_quietly()
+            study.record(stage, result, study.state["spent_s"][stage])
         if stage == study.study.until:
             break
     return study

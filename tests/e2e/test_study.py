@@ -148,3 +148,29 @@ def test_a_tuned_option_composes_to_the_tuned_values(tmp_path):
     assert cfg.loss.terms.kd.weight == params["loss.terms.kd.weight"] and cfg.loss.terms.kd.temperature == 3.3
     assert cfg.loss.terms.cwd.weight == 0 and cfg.loss.pi_lambda == 0  # only kd is on, as in loss=kd
     assert tuned_overrides({"trainer.base_lr": 0.00123456789}) == ["trainer.base_lr=0.00123456789"]
+
+
+def test_a_stages_wall_time_counts_every_launch_that_worked_on_it(tmp_path, monkeypatch):
+    """A stage that fails (a full disk, say) and is finished by a relaunch records the time of both launches."""
+    import kdseg.study as study_module
+    from kdseg.errors import KdsegError
+
+    monkeypatch.chdir(tmp_path)
+    clock = iter([0.0, 30.0, 100.0, 105.0])  # launch 1: 30 s, then fails; launch 2: 5 s
+    monkeypatch.setattr(study_module.time, "perf_counter", lambda: next(clock))
+    calls = []
+
+    def teacher(study):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KdsegError("disk full")
+        return {"teacher": "T.pt"}
+
+    monkeypatch.setitem(study_module.STAGE_FUNCTIONS, "teacher", teacher)
+    args = ("fair_zoo", ["methods=[kd]", "until=teacher", f"out={tmp_path}/study"], [])
+    with pytest.raises(KdsegError, match="disk full"):
+        study_module.run_study(*args)
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["spent_s"] == {"teacher": 30.0}
+    study_module.run_study(*args)
+    state = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert state["stages"]["teacher"] == {"teacher": "T.pt", "wall_s": 35.0}
