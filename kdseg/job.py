@@ -205,21 +205,21 @@ def fit_steps(
     with trainer.stop_signals():
         out = yield from trainer.steps()
     result = FitResult(out["final_miou"], out["best_miou"], out["history"], out["best_checkpoint"], out["last_checkpoint"], val_loader)
-    upload_checkpoints(cfg, tracker, result, log_model, final_student={"model": model_cfg, "state_dict": model.student.state_dict()})
+    upload_checkpoints(cfg, tracker, result, log_model, final_student=(model.student, model_cfg))
     return result
 
 
 def upload_checkpoints(cfg: DictConfig, tracker: Tracker, result: FitResult, log_model: bool = False,
-                       final_student: dict | None = None) -> None:
+                       final_student: tuple[nn.Module, dict] | None = None) -> None:
     """What of a finished run's checkpoints goes to MLflow (``logger.log_checkpoints``): ``all``, both
     training states; ``student`` (the default), the best epoch's weights once: as an MLflow PyTorch
     model named ``student`` with ``log_model`` (``logger.log_model``), else as ``checkpoints/best_student.pt``
     (also where the model cannot be logged); ``none``, no checkpoint. ``log_model`` logs the model
     whatever ``log_checkpoints`` says. The run folder keeps everything.
 
-    ``final_student``: the student as the run ended (``model`` config and ``state_dict``), what
-    ``best.pt`` holds when the last epoch was the best (``last.pt`` is then the same file), so that
-    best_student.pt is written without reading ``best.pt`` back."""
+    ``final_student``: the trained network and its model config as the run ended, what ``best.pt``
+    holds when the last epoch was the best (``last.pt`` is then the same file), so that
+    best_student.pt is then written without reading ``best.pt`` back (its weights on the CPU either way)."""
     upload = Upload(cfg.logger.log_checkpoints)
     best = result.best_checkpoint
     if upload == Upload.all:
@@ -227,8 +227,12 @@ def upload_checkpoints(cfg: DictConfig, tracker: Tracker, result: FitResult, log
             tracker.log_artifact(path, "checkpoints")
     if not (tracker.enabled and tracker.run_id and best.is_file()) or not (log_model or upload == Upload.student):
         return
-    best_is_final = final_student is not None and same_file(best, result.last_checkpoint)
-    student = save_student(best.with_name(f"{best.stem}_student.pt"), final_student if best_is_final else load_checkpoint(best))
+    if final_student is not None and same_file(best, result.last_checkpoint):
+        network, model_cfg = final_student
+        ckpt = {"model": model_cfg, "state_dict": {key: value.cpu() for key, value in network.state_dict().items()}}
+    else:
+        ckpt = load_checkpoint(best)
+    student = save_student(best.with_name(f"{best.stem}_student.pt"), ckpt)
     logged = log_model and log_student_model(tracker, student, cfg.dataset.crop_size) is not None
     if upload == Upload.student and not logged:
         tracker.log_artifact(student, "checkpoints")

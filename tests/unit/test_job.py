@@ -26,9 +26,9 @@ class Uploads:
         self.logged.append((Path(path), folder))
 
 
-def finished_run(tmp_path: Path, last_epoch_best: bool) -> tuple[FitResult, dict]:
+def finished_run(tmp_path: Path, last_epoch_best: bool) -> tuple[FitResult, tuple[torch.nn.Module, dict]]:
     """best.pt and last.pt as a Trainer leaves them (last.pt a link to best.pt when the last epoch was
-    the best), and the student's state at the end."""
+    the best), and the student (network, model config) as it ended."""
     best_weights, final_weights = {"w": torch.arange(4.0)}, {"w": torch.arange(4.0) if last_epoch_best else -torch.ones(4)}
     optimizer = {"state": {0: torch.ones(4)}}
     best = save_checkpoint(tmp_path / "best.pt", state_dict=best_weights, model=MODEL, optimizer=optimizer, epoch=2)
@@ -37,7 +37,9 @@ def finished_run(tmp_path: Path, last_epoch_best: bool) -> tuple[FitResult, dict
     else:
         last = save_checkpoint(tmp_path / "last.pt", keep_previous=True, state_dict=final_weights, model=MODEL, optimizer=optimizer, epoch=3)
     result = FitResult(0.5, 0.6, [], best, last, None)
-    return result, {"model": MODEL, "state_dict": final_weights}
+    network = torch.nn.Module()
+    network.register_buffer("w", final_weights["w"].clone())
+    return result, (network, MODEL)
 
 
 @pytest.mark.parametrize("last_epoch_best", [True, False])
